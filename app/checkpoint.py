@@ -1,0 +1,171 @@
+"""The checkpoint format that training writes and serving trusts.
+
+One file, loadable with ``torch.load(path, weights_only=True)``: a dict of tensors and primitives.
+
+    {
+        "format": "cifar10-cnn/checkpoint",   # marks our own files
+        "format_version": 1,
+        "model": "FinalModel",
+        "state_dict": {...},                  # the unwrapped model's tensors
+        "classes": [...], "mean": [...], "std": [...], "input_shape": [3, 32, 32],
+        "metrics": {...}, "config": {...}, "epoch": int, "data_fingerprint": str,
+        "code_version": str, "torch_version": str, "device": str, "created_at": ISO-8601 str,
+    }
+
+A bare state_dict (a user's own ``torch.save(model.state_dict(), f)``) loads too; its metadata is
+then empty. Anything else is refused with one `CheckpointError` sentence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app.model import CLASSES, INPUT_SHAPE, MEAN, MODEL_NAME, STD, FinalModel
+
+FORMAT = "cifar10-cnn/checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(Exception):
+    """A weights file that cannot be used; the message is one sentence fit for a log line."""
+
+
+@dataclass
+class Checkpoint:
+    state_dict: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)  # everything but the state_dict
+    sha256: str = ""
+    path: str = ""
+
+    @property
+    def is_bare(self) -> bool:
+        return not self.meta
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temp file in the same folder, fsync, then rename over `path`.
+
+    A writer killed at any moment leaves either the old file or the new one, never half a file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, **meta: Any) -> None:
+    """Write `model`'s weights with our metadata; `meta` holds primitives only (metrics, config...)."""
+    state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": MODEL_NAME,
+        "classes": list(CLASSES),
+        "mean": list(MEAN),
+        "std": list(STD),
+        "input_shape": list(INPUT_SHAPE),
+        "torch_version": str(torch.__version__),  # TorchVersion would need pickle
+        **meta,
+        "state_dict": state_dict,
+    }
+    atomic_torch_save(payload, path)
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return (
+        isinstance(obj, dict)
+        and bool(obj)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read and sanity-check a weights file (ours or a bare state_dict) onto the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for damaged or unsafe files
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        unsafe = [ln for ln in lines if "Unsupported global" in ln]
+        reason = (unsafe or lines or [type(exc).__name__])[0]
+        raise CheckpointError(
+            f"weights file {path} is damaged or not a weights-only PyTorch checkpoint ({reason[:160]})"
+        ) from None
+    sha = file_sha256(path)
+    if _is_state_dict(obj):
+        return Checkpoint(state_dict=obj, meta={}, sha256=sha, path=str(path))
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT or "state_dict" not in obj:
+        raise CheckpointError(
+            f"weights file {path} is neither a cifar10-cnn checkpoint nor a bare state_dict"
+        )
+    if obj.get("model") != MODEL_NAME:
+        raise CheckpointError(f"weights file {path} holds a {obj.get('model')!r}, not {MODEL_NAME}")
+    if tuple(obj.get("classes", ())) != CLASSES:
+        raise CheckpointError(f"weights file {path} was trained on other classes: {obj.get('classes')}")
+    if not _is_state_dict(obj["state_dict"]):
+        raise CheckpointError(f"weights file {path} has no usable state_dict")
+    meta = {k: v for k, v in obj.items() if k != "state_dict"}
+    return Checkpoint(state_dict=obj["state_dict"], meta=meta, sha256=sha, path=str(path))
+
+
+def build_model(ckpt: Checkpoint) -> FinalModel:
+    """A FinalModel (eval mode, CPU) with the checkpoint's weights; refuses any mismatch."""
+    dropout = ckpt.meta.get("config", {}).get("dropout", None)
+    model = FinalModel() if dropout is None else FinalModel(dropout=float(dropout))
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(ckpt.state_dict))
+    unexpected = sorted(set(ckpt.state_dict) - set(expected))
+    wrong_shape = [
+        k
+        for k in set(expected) & set(ckpt.state_dict)
+        if expected[k].shape != ckpt.state_dict[k].shape
+    ]
+    if missing or unexpected or wrong_shape:
+        details = []
+        if missing:
+            details.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            details.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong_shape:
+            details.append(f"{len(wrong_shape)} with the wrong shape (e.g. {sorted(wrong_shape)[0]})")
+        raise CheckpointError(
+            f"weights file {ckpt.path} does not fit FinalModel: tensors {', '.join(details)}"
+        )
+    model.load_state_dict(ckpt.state_dict)
+    bad = [k for k, v in ckpt.state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"weights file {ckpt.path} holds NaN or infinite values (in {bad[0]})")
+    return model.eval()

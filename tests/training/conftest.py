@@ -1,0 +1,65 @@
+"""Tiny CIFAR-10-shaped data sets in the ImageFolder layout, made by the tests themselves."""
+
+from __future__ import annotations
+
+import io
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from app.checkpoint import save_checkpoint
+from app.model import CLASSES, FinalModel
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def make_image_folder(root: Path, per_class: dict[str, int], seed: int = 0) -> Path:
+    """root/{split}/{class}/NNNN.png: each class a noisy version of its own colour, so it is learnable."""
+    g = torch.Generator().manual_seed(seed)
+    for split, count in per_class.items():
+        for label, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            base = torch.tensor([(label * 25) % 256, (label * 70) % 256, (255 - label * 25) % 256])
+            for i in range(count):
+                noise = torch.randint(-40, 41, (32, 32, 3), generator=g)
+                pixels = (base + noise).clamp(0, 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(folder / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """12 training and 3 test images per class."""
+    return make_image_folder(tmp_path_factory.mktemp("tiny"), {"train": 12, "test": 3})
+
+
+@pytest.fixture(scope="session")
+def tiny_archive(tiny_data, tmp_path_factory) -> Path:
+    """The same images as a .tar.gz with one top-level folder, like the shipped archive."""
+    path = tmp_path_factory.mktemp("archive") / "tiny.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(tiny_data, arcname="cifar10")
+    return path
+
+
+@pytest.fixture
+def checkpoint_path(tmp_path) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, FinalModel(), metrics={"test_acc": 0.5}, epoch=1, created_at="2026-01-01T00:00:00")
+    return path
+
+
+def png_bytes(color=(200, 30, 30), size=(32, 32)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def python_cmd(*args: str) -> list[str]:
+    return [sys.executable, *args]

@@ -1,0 +1,49 @@
+"""Augmentation on whole batches of normalised images, on whatever device the batch lives on.
+
+The family the original design used (flip, shift-scale-rotate, coarse dropout), done the way
+fast CIFAR-10 trainers do it: random horizontal flip, random translation with reflect padding,
+and cutout (a square set to 0, which after normalisation is the data set's mean colour).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    mask = torch.rand(x.shape[0], generator=g, device=g.device) < 0.5
+    return torch.where(mask.to(x.device).view(-1, 1, 1, 1), x.flip(3), x)
+
+
+def translate(x: torch.Tensor, pad: int, g: torch.Generator) -> torch.Tensor:
+    """Shift each image by its own (dy, dx) in [-pad, pad], filling the edge by reflection."""
+    if pad == 0:
+        return x
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g, device=g.device).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g, device=g.device).to(x.device)
+    rows = (dy.view(n, 1) + torch.arange(h, device=x.device)).view(n, 1, h, 1)
+    cols = (dx.view(n, 1) + torch.arange(w, device=x.device)).view(n, 1, 1, w)
+    batch = torch.arange(n, device=x.device).view(n, 1, 1, 1)
+    channels = torch.arange(x.shape[1], device=x.device).view(1, -1, 1, 1)
+    return padded[batch, channels, rows, cols]
+
+
+def cutout(x: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
+    """Zero one size x size square per image, centred anywhere (it may hang over the edge)."""
+    if size == 0:
+        return x
+    n, _, h, w = x.shape
+    cy = torch.randint(0, h, (n, 1, 1), generator=g, device=g.device).to(x.device)
+    cx = torch.randint(0, w, (n, 1, 1), generator=g, device=g.device).to(x.device)
+    ys = torch.arange(h, device=x.device).view(1, h, 1)
+    xs = torch.arange(w, device=x.device).view(1, 1, w)
+    top, left = cy - size // 2, cx - size // 2
+    inside = (ys >= top) & (ys < top + size) & (xs >= left) & (xs < left + size)
+    return x.masked_fill(inside.unsqueeze(1), 0.0)
+
+
+def augment(x: torch.Tensor, pad: int, cutout_size: int, g: torch.Generator) -> torch.Tensor:
+    return cutout(translate(flip(x, g), pad, g), cutout_size, g)

@@ -1,0 +1,149 @@
+"""Accuracy of any checkpoint on the CIFAR-10 test split, with the pictures.
+
+    python -m training.evaluate --weights weights/final_model.pt --data cifar10-jpeg.tar.gz [--tta]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from app.checkpoint import CheckpointError, build_model, load_checkpoint
+from app.device import DEVICE_CHOICES, autocast_dtype, resolve_device
+from app.model import CLASSES
+from app.preprocess import normalize
+from training.data import DataError, Split, limit_split, load_cifar10
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    device: torch.device,
+    batch_size: int = 500,
+    tta: bool = False,
+    amp: bool = False,
+) -> torch.Tensor:
+    """Logits (N, 10) on the CPU for uint8 images (N, 3, 32, 32); `tta` averages with the mirror."""
+    model.eval()
+    dtype = autocast_dtype(device) if amp else None
+    cast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = normalize(images[start : start + batch_size].to(device))
+        with cast:
+            logits = model(x).float()
+            if tta:
+                logits = (logits + model(x.flip(3)).float()) / 2
+        out.append(logits.cpu())
+    return torch.cat(out) if out else torch.empty(0, len(CLASSES))
+
+
+def summarize(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Overall and per-class accuracy, the confusion matrix, and the mean cross-entropy."""
+    pred = logits.argmax(1)
+    confusion = torch.zeros(len(CLASSES), len(CLASSES), dtype=torch.int64)
+    confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
+    per_class = confusion.diag().float() / confusion.sum(1).clamp(min=1)
+    return {
+        "accuracy": (pred == labels).float().mean().item() if len(labels) else 0.0,
+        "loss": torch.nn.functional.cross_entropy(logits, labels).item() if len(labels) else 0.0,
+        "per_class_accuracy": {c: round(a, 6) for c, a in zip(CLASSES, per_class.tolist(), strict=False)},
+        "confusion": confusion.tolist(),
+        "count": len(labels),
+    }
+
+
+def write_report(test: Split, logits: torch.Tensor, out_dir: Path, prefix: str = "") -> None:
+    """confusion_matrix.png and misclassified.png for a test evaluation."""
+    from training.plots import plot_confusion, plot_misclassified
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pred = logits.argmax(1)
+    confusion = torch.tensor(summarize(logits, test.labels)["confusion"])
+    plot_confusion(confusion, out_dir / f"{prefix}confusion_matrix.png")
+    plot_misclassified(test.images, test.labels, pred, out_dir / f"{prefix}misclassified.png")
+
+
+def format_per_class(metrics: dict) -> str:
+    lines = [f"{'class':<12}{'accuracy':>10}"]
+    lines += [f"{c:<12}{100 * a:>9.2f}%" for c, a in metrics["per_class_accuracy"].items()]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", default="weights/final_model.pt",
+                   help="checkpoint to evaluate (ours or a bare FinalModel state_dict)")
+    p.add_argument("--data", default="cifar10",
+                   help="'cifar10' (torchvision download) or an ImageFolder directory / .tar.gz")
+    p.add_argument("--cache-dir", default=".cache/data", help="where archives are unpacked and decoded")
+    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="auto: cuda, mps, cpu")
+    p.add_argument("--tta", action="store_true", help="also report horizontal-flip test-time augmentation")
+    p.add_argument("--amp", action="store_true",
+                   help="bf16 autocast for speed (the reported figures default to float32)")
+    p.add_argument("--batch-size", type=int, default=500, help="images per forward pass")
+    p.add_argument("--limit", type=int, default=0, help="evaluate only this many test images (0: all)")
+    p.add_argument("--out", default=None,
+                   help="folder for evaluation.json and the pictures (default: none written)")
+    p.add_argument("--min-accuracy", type=float, default=None,
+                   help="exit 1 when test accuracy (fraction, e.g. 0.857) is below this")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        ckpt = load_checkpoint(args.weights)
+        model = build_model(ckpt)
+        data = load_cifar10(args.data, args.cache_dir)
+    except (CheckpointError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    device = resolve_device(args.device)
+    model.to(device)
+    test = limit_split(data.test, args.limit, seed=0) if args.limit else data.test
+    started = time.perf_counter()
+    logits = predict(model, test.images, device, args.batch_size, amp=args.amp)
+    result = {"weights": args.weights, "sha256": ckpt.sha256, "data": args.data,
+              "data_fingerprint": data.fingerprint, "device": str(device),
+              "test": summarize(logits, test.labels)}
+    if args.tta:
+        tta_logits = predict(model, test.images, device, args.batch_size, tta=True, amp=args.amp)
+        result["test_tta"] = summarize(tta_logits, test.labels)
+    seconds = time.perf_counter() - started
+
+    acc = result["test"]["accuracy"]
+    print(f"test accuracy: {100 * acc:.2f}% on {len(test):,} images ({args.data}), "
+          f"{seconds:.1f}s on {device}")
+    if args.tta:
+        print(f"test accuracy with flip TTA: {100 * result['test_tta']['accuracy']:.2f}%")
+    print(format_per_class(result["test"]))
+    recorded = ckpt.meta.get("metrics", {}).get("test_acc")
+    if recorded is not None:
+        print(f"recorded in the checkpoint: {100 * recorded:.2f}%")
+    if args.out:
+        out = Path(args.out)
+        write_report(test, logits, out)
+        (out / "evaluation.json").write_text(json.dumps(result, indent=2))
+        print(f"wrote {out / 'evaluation.json'}, confusion_matrix.png, misclassified.png")
+    if args.min_accuracy is not None and acc < args.min_accuracy:
+        print(f"error: accuracy {100 * acc:.2f}% is below the required {100 * args.min_accuracy:.2f}%",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Pictures a person would rather look at than read: curves, confusion matrix, misclassified images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from app.model import CLASSES  # noqa: E402
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(15, 4))
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train")
+    ax_loss.plot(epochs, [h["val_loss"] for h in history], label="validation")
+    ax_loss.set(title="Loss (label-smoothed cross-entropy)", xlabel="epoch")
+    ax_acc.plot(epochs, [100 * h["train_acc"] for h in history], label="train (augmented)")
+    ax_acc.plot(epochs, [100 * h["val_acc"] for h in history], label="validation")
+    ax_acc.set(title="Accuracy (%)", xlabel="epoch")
+    ax_lr.plot(epochs, [h["lr"] for h in history])
+    ax_lr.set(title="Learning rate at epoch end", xlabel="epoch")
+    for ax in (ax_loss, ax_acc):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_confusion(confusion: torch.Tensor, path: Path, title: str = "Confusion matrix") -> None:
+    """confusion[true, predicted] counts, shown as row-normalised percentages."""
+    rates = confusion.float() / confusion.sum(1, keepdim=True).clamp(min=1) * 100
+    fig, ax = plt.subplots(figsize=(8, 7))
+    im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=100)
+    ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=45, ha="right")
+    ax.set_yticks(range(len(CLASSES)), CLASSES)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    for i in range(len(CLASSES)):
+        for j in range(len(CLASSES)):
+            value = rates[i, j].item()
+            ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=8,
+                    color="white" if value > 50 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="% of true class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_misclassified(images: torch.Tensor, true: torch.Tensor, pred: torch.Tensor, path: Path,
+                       count: int = 25) -> None:
+    """A grid of misclassified uint8 (N, 3, 32, 32) images labelled predicted / true."""
+    wrong = (pred != true).nonzero().flatten()[:count]
+    cols = 5
+    rows = max(1, (len(wrong) + cols - 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.5 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, wrong.tolist(), strict=False):
+        ax.imshow(images[i].permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set_title(f"pred: {CLASSES[pred[i]]}\ntrue: {CLASSES[true[i]]}", fontsize=9)
+    fig.suptitle("Incorrect predictions")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,447 @@
+"""Train FinalModel on CIFAR-10 and write `final_model.pt`, `last.pt`, history and pictures.
+
+    python -m training --data cifar10                                  # torchvision download
+    python -m training --data path/to/cifar10-jpeg.tar.gz --epochs 24  # ImageFolder archive
+    python -m training --resume                                        # continue the run in --out
+    torchrun --nproc_per_node=2 -m training --data ...                 # DDP (gloo on CPU, nccl on GPU)
+
+The data set lives in memory as uint8 tensors; each batch is normalised and augmented on the
+device as one tensor (flip, translate, cutout). SGD with Nesterov momentum, a OneCycle learning
+rate, label smoothing, weight decay; bf16 autocast and channels_last where the device gains.
+The global batch size is fixed: under DDP each of the N ranks takes batch_size / N images.
+
+Files in --out: `final_model.pt` (the best epoch on the validation split, rewritten at the end
+with test metrics), `last.pt` (everything --resume needs, written every epoch and on Ctrl-C or
+SIGTERM, mid-epoch included), `history.json`, `curves.png`, `confusion_matrix.png`,
+`misclassified.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from app.checkpoint import atomic_torch_save, save_checkpoint
+from app.device import DEVICE_CHOICES, autocast_dtype, resolve_device
+from app.model import FinalModel
+from app.preprocess import normalize
+from training.augment import augment
+from training.data import DataError, limit_split, load_cifar10, split_validation
+from training.evaluate import predict, summarize, write_report
+
+log = logging.getLogger("training")
+
+RESUME_FORMAT = "cifar10-cnn/train-state"
+
+
+@dataclass
+class TrainConfig:
+    data: str = "cifar10"
+    cache_dir: str = ".cache/data"
+    out: str = "weights"
+    epochs: int = 24
+    batch_size: int = 256  # global: split across DDP ranks
+    lr: float = 0.2  # OneCycle peak
+    pct_start: float = 0.25
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+    dropout: float = 0.05
+    translate: int = 4  # pixels, each direction
+    cutout: int = 8  # square side in pixels; 0 turns it off
+    val_size: int = 5000
+    seed: int = 0
+    limit: int = 0  # train on at most this many images (0: all)
+    device: str = "auto"
+    amp: str = "auto"  # auto | on | off
+    channels_last: str = "auto"
+    threads: int = 0  # per process; 0: cores / local processes
+    dry_run: bool = False
+
+
+FLAG_HELP = {
+    "data": "'cifar10' (torchvision download) or an ImageFolder directory / .tar.gz with train/ and test/",
+    "cache_dir": "git-ignored folder where archives are unpacked and decoded tensors kept",
+    "out": "folder for final_model.pt, last.pt, history.json and the pictures",
+    "epochs": "number of epochs (the OneCycle schedule spans all of them)",
+    "batch_size": "global batch size; each of N DDP ranks takes batch_size / N",
+    "lr": "peak learning rate of the OneCycle schedule",
+    "pct_start": "fraction of the steps spent warming up to the peak",
+    "momentum": "Nesterov momentum",
+    "weight_decay": "L2 weight decay",
+    "label_smoothing": "label smoothing of the cross-entropy loss",
+    "dropout": "dropout rate after each conv unit (the original table's Dropout rows)",
+    "translate": "maximum random shift in pixels (reflect padding)",
+    "cutout": "side of the random square set to the mean colour; 0 turns cutout off",
+    "val_size": "training images held out for model selection",
+    "seed": "seed of the split, data order, augmentation and initialisation",
+    "limit": "train on at most this many images, and test on a fifth as many (0: all)",
+    "device": "auto picks cuda, then mps, then cpu",
+    "amp": "bf16 autocast: auto uses it on CUDA and on CPUs with native bf16",
+    "channels_last": "NHWC memory format: auto uses it on CUDA and CPU",
+    "threads": "torch threads per process; 0 divides the cores among local processes",
+    "dry_run": "tiny data, one epoch, out=runs/dry-run unless --out is given: the pipeline in seconds",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            p.add_argument(flag, action="store_true", help=FLAG_HELP[f.name])
+            continue
+        kwargs = {"type": {"int": int, "float": float, "str": str}[f.type], "default": None,
+                  "help": f"{FLAG_HELP[f.name]} (default: {f.default})"}
+        if f.name == "device":
+            kwargs["choices"] = DEVICE_CHOICES
+        if f.name in ("amp", "channels_last"):
+            kwargs["choices"] = ("auto", "on", "off")
+        p.add_argument(flag, **kwargs)
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <out>/last.pt with its saved configuration")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if getattr(args, f.name) not in (None, False)}
+    if given.get("dry_run"):
+        given = {"epochs": 1, "limit": 512, "val_size": 64, "batch_size": 64,
+                 "out": "runs/dry-run", **given}
+    return TrainConfig(**given), args.resume
+
+
+# ---------------------------------------------------------------- distributed helpers
+
+
+def init_distributed(device_name: str) -> tuple[int, int, int]:
+    """(rank, world_size, local_world_size); a no-op outside torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 1
+    backend = "nccl" if device_name in ("auto", "cuda") and torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend)
+    return dist.get_rank(), world, int(os.environ.get("LOCAL_WORLD_SIZE", world))
+
+
+def all_sum(values: list[float], device: torch.device) -> list[float]:
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+# ---------------------------------------------------------------- one epoch
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The epoch's data order: the same on every rank, and the same after a resume."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def train_one_epoch(model, optimizer, scheduler, train, cfg: TrainConfig, epoch: int, ctx: dict,
+                    start_batch: int = 0, sums: tuple[float, float, float] = (0.0, 0.0, 0.0),
+                    stop=lambda: False) -> dict:
+    """One pass over `train`, from `start_batch` (a resumed mid-epoch run). Returns metric sums.
+
+    `stop()` is polled between steps; when it turns true the partial sums are returned with
+    "batches_done" < "batches" so the caller can save a mid-epoch checkpoint.
+    """
+    from tqdm import tqdm
+
+    device, rank, world = ctx["device"], ctx["rank"], ctx["world"]
+    per_rank = cfg.batch_size // world
+    order = epoch_order(len(train), cfg.seed, epoch)
+    batches = len(train) // cfg.batch_size  # drop the ragged tail: every step sees a full batch
+    g = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + epoch * 1009 + rank)
+    torch.manual_seed(cfg.seed * 7919 + epoch * 31 + rank + start_batch)  # dropout
+    loss_sum, correct, seen = sums
+    model.train()
+    started, images = time.perf_counter(), 0
+    bar = tqdm(range(start_batch, batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+               disable=rank != 0, leave=False, dynamic_ncols=True,
+               mininterval=1 if sys.stderr.isatty() else 30)
+    done = start_batch
+    for b in bar:
+        if stop():
+            break
+        idx = order[b * cfg.batch_size :][rank * per_rank : (rank + 1) * per_rank]
+        x = normalize(train.images[idx].to(device, non_blocking=True))
+        y = train.labels[idx].to(device, non_blocking=True)
+        x = augment(x, cfg.translate, cfg.cutout, g)
+        if ctx["channels_last"]:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with ctx["autocast"]():
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+        images += len(y) * world
+        done = b + 1
+        if rank == 0 and (b % 10 == 0):
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+    bar.close()
+    return {"loss_sum": loss_sum, "correct": correct, "seen": seen, "batches_done": done,
+            "batches": batches, "seconds": time.perf_counter() - started, "images": images}
+
+
+def evaluate_split(model, split, ctx: dict, batch_size: int = 1000) -> dict:
+    """Accuracy and loss on `split`, sharded across ranks and summed."""
+    rank, world = ctx["rank"], ctx["world"]
+    shard = split.subset(torch.arange(rank, len(split), world))
+    logits = predict(model, shard.images, ctx["device"], batch_size, amp=ctx["amp"])
+    loss = F.cross_entropy(logits, shard.labels, reduction="sum").item() if len(shard) else 0.0
+    correct = (logits.argmax(1) == shard.labels).sum().item()
+    loss, correct, n = all_sum([loss, correct, len(shard)], ctx["device"])
+    return {"loss": loss / max(n, 1), "acc": correct / max(n, 1)}
+
+
+# ---------------------------------------------------------------- orchestration
+
+
+def code_version() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("cifar10-cnn")
+        except PackageNotFoundError:
+            return "unknown"
+
+
+def device_description(device: torch.device, world: int) -> str:
+    """For the checkpoint: e.g. "cuda (NVIDIA H100 80GB HBM3)" or "cpu (x86_64, 2 processes x 1 thread)"."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)}, {world} process(es))"
+    return f"{device.type} ({platform.machine()}, {world} process(es) x {torch.get_num_threads()} thread(s))"
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; the loop finishes its step, saves last.pt, then exits."""
+
+    def __init__(self) -> None:
+        self.set = False
+
+    def __call__(self) -> bool:
+        return self.set
+
+    def install(self) -> None:
+        def handler(signum, _frame):
+            if self.set:  # a second Ctrl-C: give up at once
+                raise KeyboardInterrupt
+            self.set = True
+            log.warning("signal %s: stopping after this step and saving last.pt", signum)
+
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+
+def run(cfg: TrainConfig, resume: bool = False) -> dict:
+    rank, world, local_world = init_distributed(cfg.device)
+    out = Path(cfg.out)
+    last_path = out / "last.pt"
+    state = None
+    if resume:
+        if not last_path.is_file():
+            raise DataError(f"--resume: {last_path} does not exist; start a run without --resume")
+        state = torch.load(last_path, map_location="cpu", weights_only=True)
+        if state.get("format") != RESUME_FORMAT:
+            raise DataError(f"--resume: {last_path} is not a training state written by this module")
+        cfg = TrainConfig(**{**state["config"], "out": cfg.out})
+
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if device.type == "cpu":
+        threads = cfg.threads or max(1, (os.cpu_count() or 1) // local_world)
+        torch.set_num_threads(threads)
+    if cfg.batch_size % world:
+        raise DataError(f"batch size {cfg.batch_size} must divide evenly across {world} processes")
+    amp_dtype = autocast_dtype(device) if cfg.amp != "off" else None
+    if cfg.amp == "on" and amp_dtype is None:
+        amp_dtype = torch.bfloat16
+    channels_last = cfg.channels_last == "on" or (
+        cfg.channels_last == "auto" and device.type in ("cpu", "cuda"))
+    ctx = {
+        "device": device, "rank": rank, "world": world, "amp": amp_dtype is not None,
+        "channels_last": channels_last,
+        "autocast": (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext,
+    }
+
+    data = load_cifar10(cfg.data, cfg.cache_dir)
+    train, val = split_validation(data.train, cfg.val_size, cfg.seed)
+    test = data.test
+    if cfg.limit:
+        train = limit_split(train, cfg.limit, cfg.seed)
+        test = limit_split(test, max(cfg.limit // 5, 1), cfg.seed)
+    if len(train) < cfg.batch_size:
+        raise DataError(f"{len(train)} training images are fewer than one batch of {cfg.batch_size}")
+    if rank == 0:
+        log.info("data %s: %d train, %d validation, %d test images; fingerprint %s",
+                 cfg.data, len(train), len(val), len(test), data.fingerprint[:16])
+        log.info("device %s, %d process(es), %d thread(s) each, autocast %s, channels_last %s",
+                 device, world, torch.get_num_threads(), amp_dtype, channels_last)
+
+    torch.manual_seed(cfg.seed)
+    model = FinalModel(dropout=cfg.dropout).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                nesterov=True, weight_decay=cfg.weight_decay)
+    steps_per_epoch = len(train) // cfg.batch_size
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
+        pct_start=cfg.pct_start)
+
+    history: list[dict] = []
+    best = {"val_acc": -1.0, "epoch": -1, "state_dict": None, "train_acc": 0.0}
+    start_epoch, start_batch, sums, elapsed = 0, 0, (0.0, 0.0, 0.0), 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history, best = state["history"], state["best"]
+        start_epoch, start_batch = state["epoch"], state["batch"]
+        sums, elapsed = tuple(state["sums"]), state["elapsed"]
+        if data.fingerprint != state["data_fingerprint"]:
+            raise DataError("--resume: the data differs from the data the run started on")
+        if rank == 0:
+            log.info("resuming at epoch %d, batch %d", start_epoch + 1, start_batch)
+    net = DistributedDataParallel(model) if world > 1 else model
+
+    stop = StopFlag()
+    stop.install()
+    meta = {"config": dataclasses.asdict(cfg), "data_fingerprint": data.fingerprint,
+            "data_source": Path(cfg.data).name, "code_version": code_version(),
+            "device": device_description(device, world)}
+
+    def save_state(epoch: int, batch: int, sums_now) -> None:
+        if rank != 0:
+            return
+        atomic_torch_save({
+            "format": RESUME_FORMAT, "config": dataclasses.asdict(cfg), "epoch": epoch,
+            "batch": batch, "sums": list(sums_now), "elapsed": elapsed,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "history": history, "best": best,
+            "data_fingerprint": data.fingerprint,
+            "saved_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }, last_path)
+
+    def save_final(metrics: dict, epoch: int) -> None:
+        if rank != 0:
+            return
+        final = FinalModel(dropout=cfg.dropout)
+        final.load_state_dict(best["state_dict"])
+        save_checkpoint(out / "final_model.pt", final, metrics=metrics, epoch=epoch,
+                        duration_s=round(elapsed, 1), complete=epoch == cfg.epochs,
+                        created_at=datetime.now(UTC).isoformat(timespec="seconds"), **meta)
+
+    epoch = start_epoch
+    for epoch in range(start_epoch, cfg.epochs):
+        r = train_one_epoch(net, optimizer, scheduler, train, cfg, epoch, ctx, start_batch, sums, stop)
+        elapsed += r["seconds"]
+        if r["batches_done"] < r["batches"]:  # interrupted mid-epoch
+            save_state(epoch, r["batches_done"], (r["loss_sum"], r["correct"], r["seen"]))
+            if rank == 0:
+                log.warning("saved %s at epoch %d, batch %d/%d; continue with --resume",
+                            last_path, epoch + 1, r["batches_done"], r["batches"])
+            raise KeyboardInterrupt
+        start_batch, sums = 0, (0.0, 0.0, 0.0)
+        loss_sum, correct, seen = all_sum([r["loss_sum"], r["correct"], r["seen"]], device)
+        v = evaluate_split(model, val, ctx)
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+               "val_loss": v["loss"], "val_acc": v["acc"], "lr": scheduler.get_last_lr()[0],
+               "images_per_s": r["images"] / r["seconds"], "seconds": r["seconds"]}
+        history.append(row)
+        if v["acc"] > best["val_acc"]:
+            best = {"val_acc": v["acc"], "epoch": epoch + 1, "train_acc": row["train_acc"],
+                    "state_dict": {k: t.detach().cpu().clone() for k, t in model.state_dict().items()}}
+        save_state(epoch + 1, 0, (0.0, 0.0, 0.0))
+        if rank == 0:
+            log.info("epoch %d/%d  loss %.4f  train %.2f%%  val %.2f%%  lr %.4f  %.0f img/s  %.0fs",
+                     epoch + 1, cfg.epochs, row["train_loss"], 100 * row["train_acc"],
+                     100 * row["val_acc"], row["lr"], row["images_per_s"], row["seconds"])
+            (out / "history.json").write_text(json.dumps(history, indent=2))
+            if best["epoch"] == epoch + 1:
+                save_final({"train_acc": best["train_acc"], "val_acc": best["val_acc"]}, epoch + 1)
+
+    result: dict = {"history": history}
+    if rank == 0 and history:
+        result = finish(cfg, model, best, history, test, ctx, out, save_final)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
+
+
+def finish(cfg, model, best, history, test, ctx, out: Path, save_final) -> dict:
+    """Test the best epoch's weights once, write the final checkpoint and the pictures."""
+    from training.plots import plot_curves
+
+    model.load_state_dict(best["state_dict"])
+    device = ctx["device"]
+    logits = predict(model, test.images, device)  # float32: the figure we report
+    tta = predict(model, test.images, device, tta=True)
+    t, t_tta = summarize(logits, test.labels), summarize(tta, test.labels)
+    metrics = {"train_acc": best["train_acc"], "val_acc": best["val_acc"], "test_acc": t["accuracy"],
+               "test_acc_tta": t_tta["accuracy"], "test_loss": t["loss"],
+               "per_class_accuracy": t["per_class_accuracy"], "best_epoch": best["epoch"],
+               "test_images": t["count"]}
+    save_final(metrics, len(history))
+    plot_curves(history, out / "curves.png")
+    write_report(test, logits, out)
+    log.info("best epoch %d: train %.2f%%  val %.2f%%  test %.2f%%  test+flipTTA %.2f%%  (%d test images)",
+             best["epoch"], 100 * best["train_acc"], 100 * best["val_acc"], 100 * t["accuracy"],
+             100 * t_tta["accuracy"], t["count"])
+    log.info("wrote %s", ", ".join(str(out / n) for n in (
+        "final_model.pt", "last.pt", "history.json", "curves.png", "confusion_matrix.png",
+        "misclassified.png")))
+    return {"history": history, "metrics": metrics}
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    cfg, resume = config_from_args(build_parser().parse_args(argv))
+    try:
+        run(cfg, resume)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
