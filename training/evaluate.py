@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for evaluation.json and the pictures (default: none written)")
     p.add_argument("--min-accuracy", type=float, default=None,
                    help="exit 1 when test accuracy (fraction, e.g. 0.857) is below this")
+    p.add_argument("--max-drop", type=float, default=None,
+                   help="exit 1 when test accuracy is more than this many points (e.g. 0.3) below the "
+                        "test_acc recorded in the checkpoint")
     return p
 
 
@@ -138,6 +141,14 @@ def main(argv: list[str] | None = None) -> int:
         write_report(test, logits, out)
         (out / "evaluation.json").write_text(json.dumps(result, indent=2))
         print(f"wrote {out / 'evaluation.json'}, confusion_matrix.png, misclassified.png")
+    if args.max_drop is not None:
+        if recorded is None:
+            print("error: --max-drop needs a checkpoint with a recorded test_acc", file=sys.stderr)
+            return 1
+        if 100 * (recorded - acc) > args.max_drop:
+            print(f"error: accuracy {100 * acc:.2f}% is more than {args.max_drop} points below the recorded "
+                  f"{100 * recorded:.2f}%", file=sys.stderr)
+            return 1
     if args.min_accuracy is not None and acc < args.min_accuracy:
         print(f"error: accuracy {100 * acc:.2f}% is below the required {100 * args.min_accuracy:.2f}%",
               file=sys.stderr)

@@ -161,7 +161,7 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 def train_one_epoch(model, optimizer, scheduler, train, cfg: TrainConfig, epoch: int, ctx: dict,
                     start_batch: int = 0, sums: tuple[float, float, float] = (0.0, 0.0, 0.0),
-                    stop=lambda: False) -> dict:
+                    stop=lambda: False, progress: bool = True) -> dict:
     """One pass over `train`, from `start_batch` (a resumed mid-epoch run). Returns metric sums.
 
     `stop()` is polled between steps; when it turns true the partial sums are returned with
@@ -179,8 +179,8 @@ def train_one_epoch(model, optimizer, scheduler, train, cfg: TrainConfig, epoch:
     model.train()
     started, images = time.perf_counter(), 0
     bar = tqdm(range(start_batch, batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-               disable=rank != 0, leave=False, dynamic_ncols=True,
-               mininterval=1 if sys.stderr.isatty() else 30)
+               disable=rank != 0 or not progress or not sys.stderr.isatty(), leave=False,
+               dynamic_ncols=True)
     done = start_batch
     for b in bar:
         if stop():

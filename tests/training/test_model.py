@@ -27,7 +27,7 @@ EXPECTED = [
 def test_layer_table_matches_the_original_summary_row_by_row():
     rows = layer_table(FinalModel())
     assert len(rows) == 48
-    for i, (row, (kind, shape, params)) in enumerate(zip(rows, EXPECTED), start=1):
+    for i, (row, (kind, shape, params)) in enumerate(zip(rows, EXPECTED, strict=True), start=1):
         assert (row.name, row.type, row.output_shape, row.params) == (
             f"{kind}-{i}", kind, (-1, *shape), params
         ), f"row {i}"

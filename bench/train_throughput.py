@@ -1,0 +1,161 @@
+"""Training throughput of FinalModel: the full training step against the bare model step.
+
+    python bench/train_throughput.py [--data cifar10-jpeg.tar.gz] [--steps 8]
+
+"full" is `training.train.train_one_epoch` itself: batch gather from the in-memory uint8 data
+set, normalisation, batch augmentation (flip, translate, cutout), forward, label-smoothed loss,
+backward, SGD step and OneCycle step. "bare" is forward + loss + backward + SGD step on one fixed,
+already normalised batch of the same size and settings. full / bare is the data pipeline's cost
+(1.0 = free). Every figure comes from this run; the machine is shared, so read ratios, not times.
+
+Rows vary what the issue asked about: memory format, bf16 autocast, batch size, dropout and
+threads, and finally two single-thread processes under DDP (gloo) against one two-thread process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from app.model import FinalModel  # noqa: E402
+from app.preprocess import normalize  # noqa: E402
+from training.data import Split, load_cifar10  # noqa: E402
+from training.train import TrainConfig, train_one_epoch  # noqa: E402
+
+
+def make_ctx(amp: bool, channels_last: bool, rank: int = 0, world: int = 1) -> dict:
+    dtype = torch.bfloat16 if amp else None
+    return {"device": torch.device("cpu"), "rank": rank, "world": world, "amp": amp,
+            "channels_last": channels_last,
+            "autocast": (lambda: torch.autocast("cpu", dtype=dtype)) if amp else nullcontext}
+
+
+def make_model(dropout: float, channels_last: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = FinalModel(dropout=dropout)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+
+def bare_rate(data: Split, batch: int, steps: int, amp: bool, channels_last: bool, dropout: float) -> float:
+    model, opt = make_model(dropout, channels_last)
+    x = normalize(data.images[:batch])
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = data.labels[:batch]
+    ctx = make_ctx(amp, channels_last)
+
+    def step():
+        with ctx["autocast"]():
+            loss = F.cross_entropy(model(x).float(), y, label_smoothing=0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(2):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch / (time.perf_counter() - start)
+
+
+def full_rate(data: Split, batch: int, steps: int, amp: bool, channels_last: bool, dropout: float,
+              rank: int = 0, world: int = 1) -> float:
+    """images/s of train_one_epoch over `steps` batches (after a 2-batch warm-up), all ranks together."""
+    model, opt = make_model(dropout, channels_last)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    cfg = TrainConfig(batch_size=batch, epochs=1, dropout=dropout)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=steps + 3)
+    ctx = make_ctx(amp, channels_last, rank, world)
+    train_one_epoch(net, opt, sched, data.subset(torch.arange(2 * batch)), cfg, 0, ctx, progress=False)
+    r = train_one_epoch(net, opt, sched, data.subset(torch.arange(steps * batch)), cfg, 0, ctx,
+                        progress=False)
+    return r["images"] / r["seconds"]
+
+
+def _ddp_worker(rank: int, world: int, port: int, args, data: Split, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    rate = full_rate(data, args.batch_size, args.steps, True, True, args.dropout, rank, world)
+    if rank == 0:
+        results.put(rate)
+    dist.destroy_process_group()
+
+
+def ddp_rate(args, data: Split) -> float:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_ddp_worker, args=(2, port, args, data, results), nprocs=2, join=True)
+    return results.get()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=None, help="CIFAR-10 source as in training (default: random images)")
+    p.add_argument("--cache-dir", default=".cache/data", help="where training caches decoded data")
+    p.add_argument("--steps", type=int, default=8, help="timed batches per measurement")
+    p.add_argument("--batch-size", type=int, default=256, help="batch size of the headline rows")
+    p.add_argument("--dropout", type=float, default=0.05, help="dropout of the headline rows")
+    args = p.parse_args()
+
+    if args.data:
+        data = load_cifar10(args.data, args.cache_dir).train
+    else:
+        g = torch.Generator().manual_seed(0)
+        n = 4096 * 4
+        data = Split(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+                     torch.randint(0, 10, (n,), generator=g))
+    cores = os.cpu_count() or 1
+    print(f"torch {torch.__version__}, {cores} cores, bf16 support: "
+          f"{torch.ops.mkldnn._is_mkldnn_bf16_supported()}, {args.steps} timed steps per row\n")
+
+    rows = []
+    b, d = args.batch_size, args.dropout
+    for threads, batch, amp, cl, drop in [
+        (cores, b, False, False, d),  # plain PyTorch
+        (cores, b, False, True, d),
+        (cores, b, True, False, d),
+        (cores, b, True, True, d),  # 1 process with the training defaults on CPU
+        (cores, b, True, True, 0.0),
+        (cores, b // 2, True, True, d),
+        (cores, b * 2, True, True, d),
+        (1, b, True, True, d),
+    ]:
+        torch.set_num_threads(threads)
+        bare = bare_rate(data, batch, args.steps, amp, cl, drop)
+        full = full_rate(data, batch, args.steps, amp, cl, drop)
+        label = f"1 proc x {threads} thr, batch {batch}, {'bf16' if amp else 'fp32'}, " \
+                f"{'channels_last' if cl else 'NCHW'}, dropout {drop}"
+        rows.append((label, bare, full))
+        print(f"{label:<62} bare {bare:7.1f} img/s   full {full:7.1f} img/s   full/bare {full / bare:.2f}",
+              flush=True)
+
+    torch.set_num_threads(cores)
+    one = full_rate(data, b, args.steps, True, True, d)
+    two = ddp_rate(args, data)
+    plain = rows[0][2]
+    print(f"\nDDP (gloo) 2 procs x 1 thread, full step: {two:7.1f} img/s")
+    print(f"1 proc x {cores} threads, full step:           {one:7.1f} img/s")
+    print(f"DDP 2x1 / 1x{cores}: {two / one:.2f}")
+    print(f"DDP 2x1 bf16+channels_last / plain fp32 NCHW 1x{cores}: {two / plain:.2f}")
+
+
+if __name__ == "__main__":
+    main()

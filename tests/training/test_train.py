@@ -1,0 +1,175 @@
+"""The training module end to end, as a user runs it: real subprocesses on tiny data."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from app.checkpoint import build_model, load_checkpoint
+from app.model import CLASSES
+
+from .conftest import REPO
+
+# Small enough for seconds on a CPU: 120 images, 20 of them held out, batches of 20.
+TINY = ["--val-size", "20", "--batch-size", "20", "--lr", "0.05"]
+
+
+def run_training(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "training", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def run_evaluate(weights, data, tmp_path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "training.evaluate", "--weights", str(weights), "--data", str(data),
+         "--cache-dir", str(tmp_path / "cache"), *args],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_training_writes_a_checkpoint_that_loads_into_finalmodel(tiny_archive, tmp_path):
+    out = tmp_path / "run"
+    proc = run_training("--data", str(tiny_archive), "--cache-dir", str(tmp_path / "cache"),
+                        "--out", str(out), "--epochs", "2", *TINY)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "epoch 2/2" in proc.stderr
+
+    ckpt = load_checkpoint(out / "final_model.pt")
+    model = build_model(ckpt)
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, len(CLASSES))
+    meta = ckpt.meta
+    assert meta["complete"] is True and meta["epoch"] == 2
+    assert set(meta["metrics"]) >= {"train_acc", "val_acc", "test_acc", "test_acc_tta", "per_class_accuracy"}
+    assert set(meta["metrics"]["per_class_accuracy"]) == set(CLASSES)
+    assert meta["metrics"]["test_images"] == 30
+    assert meta["config"]["epochs"] == 2 and len(meta["data_fingerprint"]) == 64
+    assert meta["code_version"] and meta["device"].startswith("cpu") and meta["created_at"]
+
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all(h["images_per_s"] > 0 for h in history)
+    for picture in ("curves.png", "confusion_matrix.png", "misclassified.png"):
+        assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_learns_an_easy_task(tiny_data, tmp_path):
+    """Each tiny class is one colour plus noise: a few epochs must beat chance by far."""
+    out = tmp_path / "run"
+    proc = run_training("--data", str(tiny_data), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+                        "--epochs", "10", "--val-size", "20", "--batch-size", "10", "--lr", "0.05",
+                        "--cutout", "0", "--dropout", "0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert load_checkpoint(out / "final_model.pt").meta["metrics"]["test_acc"] >= 0.5
+
+
+def test_dry_run_flag_runs_the_pipeline(tiny_data, tmp_path):
+    proc = run_training("--data", str(tiny_data), "--cache-dir", str(tmp_path / "cache"),
+                        "--dry-run", "--limit", "100", "--out", str(tmp_path / "dry"), "--val-size", "10",
+                        "--batch-size", "10")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert load_checkpoint(tmp_path / "dry" / "final_model.pt").meta["epoch"] == 1
+
+
+def test_bad_data_source_is_one_clear_error(tmp_path):
+    proc = run_training("--data", str(tmp_path / "missing.tar.gz"), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2
+    missing = tmp_path / "missing.tar.gz"
+    assert proc.stderr.strip().splitlines()[-1] == f"error: data source {missing} does not exist"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_killed_run_resumes_where_it_stopped(tiny_data, tmp_path, sig):
+    """Kill a real run after its first epoch; --resume finishes it without starting over."""
+    out = tmp_path / "run"
+    args = ["--data", str(tiny_data), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+            "--epochs", "8", *TINY]
+    proc = subprocess.Popen([sys.executable, "-m", "training", *args], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    history_file = out / "history.json"
+    deadline = time.monotonic() + 180
+    while not history_file.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    os.kill(proc.pid, sig)
+    stderr = proc.communicate(timeout=60)[1]
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and "continue with --resume" in stderr
+
+    state = torch.load(out / "last.pt", weights_only=True)  # never half written
+    stopped_epoch, stopped_batch = state["epoch"], state["batch"]
+    assert 1 <= stopped_epoch < 8
+    before = json.loads(history_file.read_text())
+
+    resumed = run_training("--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming at epoch {stopped_epoch + 1}, batch {stopped_batch}" in resumed.stderr
+    after = json.loads(history_file.read_text())
+    assert [h["epoch"] for h in after] == list(range(1, 9))
+    assert after[: len(before)] == before  # the finished epochs were kept, not redone
+    assert load_checkpoint(out / "final_model.pt").meta["epoch"] == 8
+
+
+def test_resume_without_a_saved_run_is_refused(tmp_path):
+    proc = run_training("--out", str(tmp_path / "empty"), "--resume")
+    assert proc.returncode == 2 and "last.pt does not exist" in proc.stderr
+
+
+def test_torchrun_two_cpu_processes(tiny_data, tmp_path):
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "training",
+         "--data", str(tiny_data), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+         "--epochs", "2", *TINY, "--device", "cpu"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es), 1 thread(s) each" in proc.stderr
+    assert proc.stderr.count("epoch 2/2  loss") == 1  # only rank 0 logs and writes
+    meta = load_checkpoint(out / "final_model.pt").meta
+    assert meta["device"].startswith("cpu") and "2 process(es)" in meta["device"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "confusion_matrix.png", "curves.png", "final_model.pt", "history.json", "last.pt",
+        "misclassified.png",
+    ]
+
+
+def test_evaluate_reports_accuracy_that_matches_the_model(tiny_data, tmp_path, checkpoint_path):
+    out = tmp_path / "eval"
+    proc = run_evaluate(checkpoint_path, tiny_data, tmp_path, "--tta", "--out", str(out), "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((out / "evaluation.json").read_text())
+
+    from training.data import load_cifar10
+    from training.evaluate import predict
+
+    test = load_cifar10(str(tiny_data), tmp_path / "cache").test
+    model = build_model(load_checkpoint(checkpoint_path))
+    predicted = predict(model, test.images, torch.device("cpu")).argmax(1)
+    expected = (predicted == test.labels).float().mean().item()
+    assert result["test"]["accuracy"] == pytest.approx(expected)
+    assert result["test"]["count"] == 30 and "test_tta" in result
+    assert f"test accuracy: {100 * expected:.2f}% on 30 images" in proc.stdout
+    assert "test accuracy with flip TTA" in proc.stdout
+    for name in CLASSES:
+        assert name in proc.stdout
+    assert (out / "confusion_matrix.png").exists() and (out / "misclassified.png").exists()
+
+
+def test_evaluate_min_accuracy_fails_below_the_bar(tiny_data, tmp_path, checkpoint_path):
+    proc = run_evaluate(checkpoint_path, tiny_data, tmp_path, "--min-accuracy", "1.01")
+    assert proc.returncode == 1 and "below the required" in proc.stderr
+
+
+@pytest.mark.parametrize(("max_drop", "code"), [("0.3", 1), ("100", 0)])
+def test_evaluate_max_drop_compares_with_recorded(tiny_data, tmp_path, checkpoint_path, max_drop, code):
+    """The fixture checkpoint records test_acc 0.5; a random model scores far lower on the tiny set."""
+    proc = run_evaluate(checkpoint_path, tiny_data, tmp_path, "--max-drop", max_drop)
+    assert proc.returncode == code, proc.stderr
+    assert "recorded in the checkpoint: 50.00%" in proc.stdout
+    if code:
+        assert "points below the recorded 50.00%" in proc.stderr
