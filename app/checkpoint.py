@@ -70,6 +70,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; readers such as a container's user need read access
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -130,3 +130,9 @@ def test_killed_writer_never_leaves_half_a_file(tmp_path):
             proc.kill()
             proc.wait()
         assert isinstance(load_checkpoint(path).meta["epoch"], int)
+
+
+def test_written_file_is_readable_by_others(tmp_path):
+    path = tmp_path / "w.pt"
+    save_checkpoint(path, FinalModel())
+    assert path.stat().st_mode & 0o044 == 0o044
