@@ -150,10 +150,10 @@ def layer_table(model: nn.Module, input_shape: tuple[int, ...] = INPUT_SHAPE) ->
 def format_layer_table(rows: list[LayerRow], total: int, trainable: int) -> str:
     """The table in the layout of the original project's printed summary (torchsummary's)."""
     line = "-" * 64
-    out = [line, f"{'Layer (type)':>25}  {'Output Shape':>25} {'Param #':>15}", "=" * 64]
+    out = [line, f"{'Layer (type)':>20}  {'Output Shape':>25} {'Param #':>15}", "=" * 64]
     for r in rows:
         shape = "[" + ", ".join(str(s) for s in r.output_shape) + "]"
-        out.append(f"{r.name:>25}  {shape:>25} {r.params:>15,}")
+        out.append(f"{r.name:>20}  {shape:>25} {r.params:>15,}")
     out += [
         "=" * 64,
         f"Total params: {total:,}",

@@ -20,8 +20,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit greyscale: scale to 8 bits instead of letting convert() clip at 255.
-        img = img.point(lambda v: v / 256 if img.mode != "I" else v / 16_777_216).convert("L")
+        # 16/32-bit greyscale: scale to 8 bits instead of letting convert() clip at 255. Some
+        # Pillow versions open 16-bit PNGs as mode "I", so the scale follows the values' range.
+        low, high = img.getextrema()
+        scale = 256 if img.mode != "I" or (low >= 0 and high <= 65535) else 16_777_216
+        img = img.point(lambda v: v / scale).convert("L")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -56,11 +59,16 @@ def image_to_tensor(img: Image.Image) -> torch.Tensor:
     return data.view(IMAGE_SIZE, IMAGE_SIZE, 3).permute(2, 0, 1).contiguous()
 
 
+def prepare_image(img: Image.Image) -> torch.Tensor:
+    """An opened, not yet decoded Pillow image -> uint8 (3, 32, 32), by the whole rule."""
+    img.draft("RGB", (IMAGE_SIZE, IMAGE_SIZE))  # JPEG: decode at reduced scale when large
+    return image_to_tensor(to_model_image(img))
+
+
 def load_image(path_or_file) -> torch.Tensor:
     """Open an image file and apply the whole rule -> uint8 (3, 32, 32)."""
     with Image.open(path_or_file) as img:
-        img.draft("RGB", (IMAGE_SIZE, IMAGE_SIZE))  # JPEG: decode at reduced scale when large
-        return image_to_tensor(to_model_image(img))
+        return prepare_image(img)
 
 
 _MEAN = torch.tensor(MEAN).view(1, 3, 1, 1) * 255

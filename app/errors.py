@@ -1,0 +1,195 @@
+"""Every error answer is JSON of one shape, `ErrorBody`, with a sentence that says what was wrong.
+
+    {"detail": "file 2 ('notes.txt') is text, not an image", "code": "unsupported_media_type",
+     "files": [{"index": 1, "filename": "notes.txt", "status": 415, "code": "...", "detail": "..."}]}
+
+`code` is stable and machine-readable (it is also the `reason` label of the rejected-requests
+metric); `detail` is for people. Nothing a client sends produces a 5xx or a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.settings import MAX_TOP_K
+
+log = logging.getLogger(__name__)
+
+
+class FileProblem(BaseModel):
+    index: int = Field(description="Position of the file in the upload, from 0.")
+    filename: str | None = Field(description="The name the client gave the file, if any.")
+    status: int = Field(description="The HTTP status this problem alone would get.")
+    code: str = Field(description="empty_file, corrupt_image, unsupported_media_type or too_many_pixels.")
+    detail: str
+
+
+class FieldProblem(BaseModel):
+    loc: list[str | int] = Field(description="Where the problem is, e.g. ['query', 'top_k'].")
+    msg: str
+    type: str
+
+
+class ErrorBody(BaseModel):
+    detail: str = Field(description="One sentence that says what was wrong.")
+    code: str = Field(description="Stable machine-readable reason, e.g. queue_full or corrupt_image.")
+    files: list[FileProblem] | None = Field(None, description="Every bad file of a /predict request.")
+    fields: list[FieldProblem] | None = Field(None, description="Every invalid request field (422).")
+
+
+class ApiError(Exception):
+    """An error answer; raise it anywhere below a route."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        detail: str,
+        *,
+        files: list[FileProblem] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.files = files
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        return ErrorBody(detail=self.detail, code=self.code, files=self.files).model_dump(exclude_none=True)
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def _count(request: Request, code: str) -> None:
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.rejected.labels(code).inc()
+
+
+async def _api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    _count(request, exc.code)
+    return error_response(exc)
+
+
+def _field_sentence(error: dict[str, Any], form_keys: list[str]) -> str:
+    loc = [str(part) for part in error.get("loc", ())]
+    where = loc[0] if loc else ""
+    name = loc[1] if len(loc) > 1 else ""
+    if where == "query" and name == "top_k":
+        got = error.get("input")
+        return f"query parameter top_k must be a whole number from 1 to {MAX_TOP_K}, not {got!r}"
+    if where == "body" and name == "file":
+        if error.get("type") == "missing":
+            got = f" (the form has: {', '.join(sorted(set(form_keys)))})" if form_keys else ""
+            return f"no images: send one or more files in the multipart/form-data field 'file'{got}"
+        return "the field 'file' must hold file uploads (parts with a filename), not plain text values"
+    return f"{'.'.join(loc) or 'request'}: {error.get('msg', 'is invalid')}"
+
+
+def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = list(exc.errors())
+    body = getattr(exc, "body", None)
+    form_keys = list(body.keys()) if hasattr(body, "keys") else []
+    content_type = request.headers.get("content-type", "")
+    missing_file = any(
+        e.get("type") == "missing" and list(e.get("loc", ()))[:2] == ["body", "file"] for e in errors
+    )
+    if missing_file and content_type and not content_type.lower().startswith("multipart/form-data"):
+        error = ApiError(
+            415,
+            "unsupported_media_type",
+            "send the images as multipart/form-data in the field 'file', "
+            f"not as {content_type.split(';')[0]}",
+        )
+        _count(request, error.code)
+        return error_response(error)
+    fields = [
+        FieldProblem(loc=list(e.get("loc", ())), msg=str(e.get("msg", "")), type=str(e.get("type", "")))
+        for e in errors
+    ]
+    detail = "; ".join(dict.fromkeys(_field_sentence(e, form_keys) for e in errors)) or "invalid request"
+    _count(request, "invalid_request")
+    body_out = ErrorBody(detail=detail, code="invalid_request", fields=fields).model_dump(exclude_none=True)
+    return JSONResponse(body_out, status_code=422)
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "content_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    detail = str(exc.detail)
+    status, code = exc.status_code, _HTTP_CODES.get(exc.status_code, "http_error")
+    if status == 400:  # FastAPI or Starlette could not parse the body: all our own 400s are ApiErrors
+        reason = str(exc.__cause__ or "").strip() or detail
+        if "too many files" in reason.lower():
+            status, code = 413, "too_many_files"
+            settings = getattr(request.app.state, "settings", None)
+            limit = f"; at most {settings.max_files} per request" if settings is not None else ""
+            detail = f"too many files in one request ({reason}){limit}"
+        else:
+            code = "malformed_body"
+            detail = f"the request body could not be parsed: {reason}"
+    elif status == 404:
+        detail = f"no such endpoint: {request.url.path} (see /docs)"
+    elif status == 405:
+        detail = f"{request.method} is not allowed on {request.url.path}"
+    if 400 <= status < 500:
+        _count(request, code)
+    return JSONResponse(
+        ErrorBody(detail=detail, code=code).model_dump(exclude_none=True),
+        status_code=status,
+        headers=getattr(exc, "headers", None),
+    )
+
+
+def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    body = ErrorBody(detail="internal error; the details are in the service log", code="internal_error")
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=500)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal_error)
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries for the given error statuses, all with the ErrorBody schema."""
+    described = {
+        400: "An upload is empty, truncated or damaged.",
+        413: "The body, the number of files or an image's pixel count is over its limit.",
+        415: "An upload is not an image in a supported format (text, PDF, SVG...), "
+        "or the body is not multipart/form-data.",
+        422: "The field 'file' is missing or misnamed, or a query parameter is invalid.",
+        503: "The model is not loaded yet, or the queue is full; retry after Retry-After seconds.",
+    }
+    out: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        entry: dict[str, Any] = {"model": ErrorBody, "description": described[status]}
+        if status == 503:
+            retry_after = {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}
+            entry["headers"] = {"Retry-After": retry_after}
+        out[status] = entry
+    return out

@@ -1,0 +1,148 @@
+"""Prometheus metrics, each app with a registry of its own (tests build many apps in one process)."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    gc_collector,
+    generate_latest,
+    platform_collector,
+    process_collector,
+)
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.model import CLASSES
+
+PREFIX = "cifar10"
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+UNMATCHED_ROUTE = "unmatched"  # 404s, so that made-up paths cannot blow up the label set
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry()
+        process_collector.ProcessCollector(registry=registry)
+        platform_collector.PlatformCollector(registry=registry)
+        gc_collector.GCCollector(registry=registry)
+
+        self.requests = Counter(
+            f"{PREFIX}_http_requests",
+            "HTTP requests answered, by route template, method and status code.",
+            ["route", "method", "status"],
+            registry=registry,
+        )
+        self.request_seconds = Histogram(
+            f"{PREFIX}_http_request_duration_seconds",
+            "End-to-end time from receiving a request to sending the last byte of its answer.",
+            ["route", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.decode_seconds = Histogram(
+            f"{PREFIX}_decode_duration_seconds",
+            "Time to check and decode one request's uploads into model input.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.queue_wait_seconds = Histogram(
+            f"{PREFIX}_queue_wait_seconds",
+            "Time an image waits on the queue before its batch starts.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.inference_seconds = Histogram(
+            f"{PREFIX}_inference_duration_seconds",
+            "Model time per batch: stacking, normalising, the forward pass, softmax.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            f"{PREFIX}_batch_size",
+            "Images per forward pass.",
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.images = Counter(f"{PREFIX}_images_processed", "Images classified.", registry=registry)
+        self.predictions = Counter(
+            f"{PREFIX}_predictions",
+            "Images classified, by predicted label.",
+            ["label"],
+            registry=registry,
+        )
+        self.rejected = Counter(
+            f"{PREFIX}_rejected_requests",
+            "Requests refused, by reason (the error code of the answer).",
+            ["reason"],
+            registry=registry,
+        )
+        self.queue_images = Gauge(
+            f"{PREFIX}_queue_images",
+            "Images admitted and not yet in a batch (being decoded or queued).",
+            registry=registry,
+        )
+        self.ready = Gauge(f"{PREFIX}_ready", "1 once the model is loaded and warmed up.", registry=registry)
+        self.model_info = Info(f"{PREFIX}_model", "The model being served.", registry=registry)
+        self.model_parameters = Gauge(
+            f"{PREFIX}_model_parameters", "Parameters of the model being served.", registry=registry
+        )
+        self.model_test_accuracy = Gauge(
+            f"{PREFIX}_model_test_accuracy",
+            "Test accuracy recorded in the checkpoint (fraction; NaN when it has none).",
+            registry=registry,
+        )
+        self._label_counters = [self.predictions.labels(c) for c in CLASSES]
+
+    def observe_batch(self, size: int, run_s: float, waits: list[float]) -> None:
+        """Called by the batcher's workers after each batch."""
+        self.batch_size.observe(size)
+        self.inference_seconds.observe(run_s)
+        self.images.inc(size)
+        for wait in waits:
+            self.queue_wait_seconds.observe(wait)
+
+    def count_labels(self, indices: list[int]) -> None:
+        for i in indices:
+            self._label_counters[i].inc()
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class MetricsMiddleware:
+    """Counts every HTTP request by its route template and status, and times it end to end."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, known_paths: set[str]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.known_paths = known_paths  # to label requests refused before routing
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            route = getattr(scope.get("route"), "path", None)
+            if route is None:
+                route = scope["path"] if scope["path"] in self.known_paths else UNMATCHED_ROUTE
+            method = scope["method"]
+            self.metrics.requests.labels(route, method, str(status)).inc()
+            self.metrics.request_seconds.labels(route, method).observe(time.perf_counter() - started)

@@ -1,0 +1,134 @@
+"""ASGI middleware that refuses work before it costs anything, and reports startup failures plainly."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.batching import Arrival
+from app.errors import ApiError, error_response
+from app.metrics import Metrics
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimitMiddleware:
+    """413 for a body over `max_bytes`: at once from Content-Length, else as soon as the count passes it.
+
+    A body sent without Content-Length (chunked) is counted as it arrives; the moment it passes
+    the limit, reading stops and whatever the app was about to answer is replaced by the 413.
+    The connection is closed afterwards, since the rest of the body is never read.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, metrics: Metrics) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.metrics = metrics
+
+    def _error(self, received: str) -> ApiError:
+        self.metrics.rejected.labels("body_too_large").inc()
+        return ApiError(
+            413,
+            "body_too_large",
+            f"the request body is {received}; the limit is {self.max_bytes:,} bytes "
+            "(set CIFAR10_MAX_BODY_BYTES)",
+            headers={"Connection": "close"},
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = Headers(scope=scope).get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await error_response(self._error(f"{int(length):,} bytes"))(scope, receive, send)
+            return
+
+        received = 0
+        too_large = False
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    too_large = True
+                    raise _BodyTooLarge
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if too_large:  # the app answered the aborted read (often a 400): answer 413 instead
+                if message["type"] == "http.response.start" and not started:
+                    started = True
+                    await error_response(self._error(f"over {self.max_bytes:,} bytes"))(scope, receive, send)
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except _BodyTooLarge:
+            if not started:
+                await error_response(self._error(f"over {self.max_bytes:,} bytes"))(scope, receive, send)
+
+
+class AdmissionMiddleware:
+    """Admits a POST to `path` before its body is read: 503 while not ready or while the queue is full.
+
+    `admit()` raises ApiError or returns the request's `Arrival`, which tells the batcher that
+    a request is on its way; it is kept in the request's state (`request.state.arrival`) for
+    the route, and settled here at the latest, when the answer has been sent.
+    """
+
+    def __init__(self, app: ASGIApp, path: str, admit: Callable[[], Arrival], metrics: Metrics) -> None:
+        self.app = app
+        self.path = path
+        self.admit = admit
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != self.path:
+            await self.app(scope, receive, send)
+            return
+        try:
+            arrival = self.admit()
+        except ApiError as error:
+            self.metrics.rejected.labels(error.code).inc()
+            await error_response(error)(scope, receive, send)
+            return
+        scope.setdefault("state", {})["arrival"] = arrival
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            arrival.settle()
+
+
+class StartupMessageMiddleware:
+    """Hands the server one sentence, not a traceback, when the lifespan startup fails.
+
+    uvicorn logs the message of `lifespan.startup.failed` and exits non-zero; `message()`
+    returns the sentence the lifespan stored, or None to pass the original through.
+    """
+
+    def __init__(self, app: ASGIApp, message: Callable[[], str | None]) -> None:
+        self.app = app
+        self.message = message
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_plain(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed" and self.message():
+                message = {**message, "message": self.message()}
+            await send(message)
+
+        await self.app(scope, receive, send_plain)

@@ -1,0 +1,113 @@
+"""The endpoints, one router per concern. Routes only parse, call the service and shape the answer."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, File, Query, Request, Response, UploadFile
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from app.errors import error_responses
+from app.imaging import supported_formats
+from app.metrics import Metrics
+from app.schemas import Health, ModelSummary, PredictResponse
+from app.service import ModelService, Upload
+from app.settings import MAX_TOP_K
+
+
+async def get_service(request: Request) -> ModelService:
+    return request.app.state.service
+
+
+async def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+ServiceDep = Annotated[ModelService, Depends(get_service)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+
+predict_router = APIRouter(tags=["predict"])
+model_router = APIRouter(tags=["model"])
+ops_router = APIRouter(tags=["operations"])
+
+
+@predict_router.post(
+    "/predict",
+    response_model=PredictResponse,
+    summary="Classify one or more images",
+    responses=error_responses(400, 413, 415, 422, 503),
+    description=(
+        "Upload images as multipart/form-data, in the field `file` (repeat it for several, up to "
+        "the configured maximum). Any format Pillow reads among "
+        f"{supported_formats()} (the first frame of an animation), in any mode (greyscale, palette, "
+        "transparency over white, CMYK, 16-bit); the EXIF orientation is applied, then the image is "
+        "center-cropped to a square and resized to 32x32 (bicubic): the rule evaluation uses.\n\n"
+        "A request is all or nothing: if any file is bad, no predictions are made, the status is "
+        "that of the first bad file, and `files` lists every bad file with its position and reason."
+    ),
+)
+async def predict(
+    request: Request,
+    service: ServiceDep,
+    files: Annotated[
+        list[UploadFile], File(alias="file", description="One or more image files; repeat the field.")
+    ],
+    top_k: Annotated[
+        int | None,
+        Query(ge=1, le=MAX_TOP_K, description="Classes to list per image (default: CIFAR10_TOP_K, 3)."),
+    ] = None,
+) -> PredictResponse:
+    uploads = [Upload(f.filename or None, f.file, f.size) for f in files]
+    arrival = getattr(request.state, "arrival", None)  # set by AdmissionMiddleware
+    return await service.predict(uploads, top_k or service.settings.top_k, arrival)
+
+
+@model_router.get(
+    "/model/summary",
+    response_model=ModelSummary,
+    summary="The model's layers, parameters, device and checkpoint metadata",
+    responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
+        **error_responses(422, 503),
+    },
+)
+async def model_summary(
+    service: ServiceDep,
+    format: Annotated[
+        Literal["json", "text"], Query(description="text: the layer table in torchsummary's layout.")
+    ] = "json",
+) -> ModelSummary | PlainTextResponse:
+    if not service.ready:
+        raise service.not_ready_error()
+    if format == "text":
+        return PlainTextResponse(service.summary_text() + "\n")
+    return service.summary()
+
+
+@ops_router.get("/health/live", response_model=Health, summary="The process is up (it may still be loading)")
+async def live() -> Health:
+    return Health(status="alive")
+
+
+@ops_router.get(
+    "/health/ready",
+    response_model=Health,
+    summary="The model is loaded and warmed up, and requests are being taken",
+    responses={503: {"model": Health, "description": "Starting or stopping."}},
+)
+async def ready(service: ServiceDep) -> Health | JSONResponse:
+    if not service.ready:
+        headers = {"Retry-After": str(service.settings.retry_after_s)}
+        return JSONResponse(Health(status=service.state).model_dump(), status_code=503, headers=headers)
+    return Health(status="ready", model_sha256=service.model.sha256)
+
+
+@ops_router.get(
+    "/metrics",
+    summary="Prometheus metrics (text exposition format)",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
+def metrics(metrics: MetricsDep) -> Response:
+    body, content_type = metrics.render()
+    return Response(body, media_type=content_type)

@@ -1,0 +1,90 @@
+"""Response bodies of the API, as pydantic models (they are also the OpenAPI schema)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ClassProbability(BaseModel):
+    label: str
+    probability: float = Field(description="Softmax probability, 0 to 1.")
+
+
+class Prediction(BaseModel):
+    filename: str | None = Field(description="The uploaded file's name, if the client gave one.")
+    label: str = Field(description="The most likely class.")
+    index: int = Field(description="Its position in the class list (CIFAR-10 order), 0-9.")
+    confidence: float = Field(description="Its probability, 0 to 1.")
+    top_k: list[ClassProbability] = Field(description="The top_k most likely classes, most likely first.")
+
+
+class ModelRef(BaseModel):
+    name: str
+    sha256: str = Field(description="sha256 of the weights file that made these predictions.")
+    device: str
+
+
+class Timing(BaseModel):
+    total_ms: float = Field(description="From the request reaching the model service to the answer.")
+    decode_ms: float = Field(description="Checking and decoding the uploads.")
+    queue_ms: float = Field(description="Longest wait of an image for its batch.")
+    inference_ms: float = Field(description="Model time of the (longest) batch that served the images.")
+    batch_size: int = Field(description="Images in the (largest) forward pass that served them.")
+
+
+class PredictResponse(BaseModel):
+    predictions: list[Prediction] = Field(description="One per uploaded file, in upload order.")
+    model: ModelRef
+    timing: Timing
+
+
+class LayerInfo(BaseModel):
+    name: str = Field(description="Type and position in execution order, e.g. Conv2d-1.")
+    type: str
+    output_shape: list[int] = Field(description="With -1 for the batch dimension.")
+    params: int
+
+
+class Normalization(BaseModel):
+    mean: list[float]
+    std: list[float]
+
+
+class ServingInfo(BaseModel):
+    batching: bool
+    max_batch_size: int
+    max_wait_ms: float
+    max_queue_size: int
+    workers: int
+    torch_threads: int
+    max_files: int
+    max_body_bytes: int
+    max_pixels: int
+
+
+class ModelSummary(BaseModel):
+    model: str
+    total_params: int
+    trainable_params: int
+    non_trainable_params: int
+    input_shape: list[int]
+    layers: list[LayerInfo] = Field(description="Every leaf layer, measured with forward hooks.")
+    device: str
+    dtype: str
+    classes: list[str]
+    normalization: Normalization
+    sha256: str = Field(description="sha256 of the weights file.")
+    weights_file: str
+    loaded_at: str
+    checkpoint: dict[str, Any] = Field(
+        description="The checkpoint's metadata: metrics (test_acc...), epoch, created_at, config... "
+        "Empty for a bare state_dict."
+    )
+    serving: ServingInfo
+
+
+class Health(BaseModel):
+    status: str = Field(description="alive, ready, starting or stopping.")
+    model_sha256: str | None = None

@@ -1,0 +1,129 @@
+"""Service settings, read from environment variables with the prefix ``CIFAR10_``.
+
+    CIFAR10_WEIGHTS=weights/final_model.pt CIFAR10_MAX_BATCH_SIZE=32 uvicorn app.main:app
+
+Every field below is one variable (``max_batch_size`` -> ``CIFAR10_MAX_BATCH_SIZE``); tests build
+`Settings(...)` directly and hand it to `create_app`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.device import DEVICE_CHOICES
+
+ENV_PREFIX = "CIFAR10_"
+MAX_TOP_K = 10  # the model has ten classes
+
+
+def available_cpus() -> int:
+    """CPU cores this process may run on (the affinity mask, not the machine's total)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS and Windows have no sched_getaffinity
+        return max(1, os.cpu_count() or 1)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    weights: Path = Field(
+        Path("weights/final_model.pt"),
+        description="Checkpoint to serve: ours (training's output) or a bare FinalModel state_dict.",
+    )
+    device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
+
+    batching: bool = Field(True, description="Gather concurrent requests into shared forward passes.")
+    max_batch_size: Annotated[int, Field(ge=1, le=1024)] = Field(
+        32, description="Most images in one forward pass."
+    )
+    max_wait_ms: Annotated[float, Field(ge=0, le=10_000)] = Field(
+        5.0,
+        description="Longest time a batch waits for more images, counted from its first image's arrival; "
+        "the wait ends early once the batch is full or no other request is on its way.",
+    )
+    max_queue_size: Annotated[int, Field(ge=1)] = Field(
+        256,
+        description="Images admitted but not yet in a forward pass (being decoded or queued); "
+        "a request that would go over gets 503 with Retry-After.",
+    )
+    retry_after_s: Annotated[int, Field(ge=1)] = Field(
+        1, description="Seconds a 503 answer tells the client to wait (the Retry-After header)."
+    )
+
+    workers: Annotated[int, Field(ge=0, le=64)] = Field(
+        0,
+        description="Inference threads, each running whole batches; 0: one per CPU core on cpu, else one.",
+    )
+    torch_threads: Annotated[int, Field(ge=0, le=256)] = Field(
+        0,
+        description="PyTorch intra-op threads (process-wide); 0: CPU cores divided by workers, at least 1.",
+    )
+    decode_threads: Annotated[int, Field(ge=0, le=256)] = Field(
+        0, description="Threads that decode uploads, in parallel with inference; 0: one per CPU core."
+    )
+
+    max_body_bytes: Annotated[int, Field(ge=1024)] = Field(
+        16 * 1024 * 1024, description="Largest request body; a larger one gets 413 before it is read."
+    )
+    max_files: Annotated[int, Field(ge=1, le=1000)] = Field(
+        32, description="Most images in one /predict request; more gets 413."
+    )
+    max_pixels: Annotated[int, Field(ge=1024)] = Field(
+        40_000_000,
+        description="Most pixels one upload may decode to (width x height after JPEG's reduced-scale "
+        "decoding); a larger image gets 413 before it is decoded.",
+    )
+    top_k: Annotated[int, Field(ge=1, le=MAX_TOP_K)] = Field(
+        3, description="Classes listed per image when the request does not say (query top_k)."
+    )
+    warmup: bool = Field(True, description="Run warm-up batches before reporting ready.")
+    log_level: str = Field("INFO", description="Level of the service's own log lines.")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in DEVICE_CHOICES and not (value.startswith("cuda:") and value[5:].isdigit()):
+            raise ValueError(f"must be one of {', '.join(DEVICE_CHOICES)} or cuda:N, not {value!r}")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        value = value.strip().upper()
+        if value not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(f"must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.max_files > self.max_queue_size:
+            raise ValueError(
+                f"max_files ({self.max_files}) must not exceed max_queue_size ({self.max_queue_size}), "
+                "or a full-size request could never be admitted"
+            )
+        return self
+
+    def resolved_workers(self, device_type: str) -> int:
+        if self.workers:
+            return self.workers
+        return available_cpus() if device_type == "cpu" else 1
+
+    def resolved_torch_threads(self, device_type: str) -> int:
+        if self.torch_threads:
+            return self.torch_threads
+        return max(1, available_cpus() // self.resolved_workers(device_type))
+
+    def resolved_decode_threads(self) -> int:
+        return self.decode_threads or available_cpus()
+
+
+def env_name(field: str) -> str:
+    """The environment variable that sets `field`."""
+    return f"{ENV_PREFIX}{field.upper()}"

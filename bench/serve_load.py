@@ -1,0 +1,436 @@
+"""Load test of the real service against the bare model, with dynamic batching on and off.
+
+    python bench/serve_load.py --data cifar10-jpeg.tar.gz [--weights weights/final_model.pt]
+
+Measures, in one run on this machine:
+1. the bare model (no HTTP) on the same images: batch-32 throughput with N workers x 1 torch
+   thread and with 1 worker x N threads, and the batch-1 forward time;
+2. for each mode (batching on, batching off): `uvicorn app.main:app` started as a subprocess on
+   127.0.0.1 and a free port, driven by --clients concurrent clients that each post one real
+   CIFAR-10 test JPEG per request (multipart, field `file`), back to back over keep-alive
+   connections, for --duration seconds after --warmup seconds; then one client alone, for the
+   single-request latency.
+
+It prints images/s, p50/p99 latency and the ratio against the best bare batch-32 throughput as a
+markdown table. The load generator shares the machine's cores with the server, as wrk does when
+run on the same host: `--client raw` (the default) is a minimal asyncio HTTP/1.1 client that
+leaves the server most of the CPU, like wrk; `--client httpx` uses httpx.AsyncClient, several
+times heavier per request, which lowers every server figure on a small machine. On a busy
+machine every figure reads low. All loops are bounded by time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from app.checkpoint import save_checkpoint  # noqa: E402
+from app.model import FinalModel  # noqa: E402
+from app.preprocess import load_image  # noqa: E402
+from app.service import load_model  # noqa: E402
+from app.settings import available_cpus  # noqa: E402
+
+BOUNDARY = "cifar10-bench-boundary"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python bench/serve_load.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--data", required=True, help="CIFAR-10 JPEG archive (.tar.gz) or folder; test/ images are used"
+    )
+    p.add_argument(
+        "--weights",
+        default="weights/final_model.pt",
+        help="checkpoint to serve; if missing, a randomly initialised one (speed does not depend on it)",
+    )
+    p.add_argument("--images", type=int, default=1000, help="how many test JPEGs to cycle through")
+    p.add_argument("--clients", type=int, default=32, help="concurrent clients, one image per request")
+    p.add_argument("--duration", type=float, default=8.0, help="seconds measured per load phase")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring")
+    p.add_argument("--single-duration", type=float, default=4.0, help="seconds of the one-client phase")
+    p.add_argument("--bare-duration", type=float, default=3.0, help="seconds per bare-model measurement")
+    p.add_argument("--max-batch-size", type=int, default=32, help="CIFAR10_MAX_BATCH_SIZE for the server")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="CIFAR10_MAX_WAIT_MS for the server")
+    p.add_argument("--workers", type=int, default=0, help="CIFAR10_WORKERS (0: one per core)")
+    p.add_argument("--modes", default="on,off", help="batching modes to run, comma-separated: on, off")
+    p.add_argument(
+        "--client",
+        choices=("raw", "httpx"),
+        default="raw",
+        help="load generator: raw asyncio HTTP/1.1 (light, like wrk) or httpx.AsyncClient",
+    )
+    p.add_argument("--startup-timeout", type=float, default=120.0, help="seconds to wait for /health/ready")
+    return p
+
+
+# -- data ------------------------------------------------------------------------------------
+
+
+def read_test_jpegs(source: Path, count: int) -> list[bytes]:
+    """`count` test-split JPEGs, spread evenly over the split (so over all ten classes)."""
+    found: list[tuple[str, bytes]] = []
+    if source.is_dir():
+        root = next((p for p in [source / "test", *source.glob("*/test")] if p.is_dir()), source)
+        for path in sorted(root.rglob("*")):
+            if path.suffix.lower() in (".jpg", ".jpeg"):
+                found.append((str(path), path.read_bytes()))
+    elif tarfile.is_tarfile(source):
+        with tarfile.open(source) as tar:
+            for member in tar:
+                name = member.name
+                if member.isfile() and "test/" in name and name.lower().endswith((".jpg", ".jpeg")):
+                    found.append((name, tar.extractfile(member).read()))
+    else:
+        raise SystemExit(f"error: {source} is neither a folder nor a tar archive")
+    if not found:
+        raise SystemExit(f"error: no test JPEGs under {source}")
+    found.sort()
+    step = max(1, len(found) // count)
+    return [data for _, data in found[::step][:count]]
+
+
+def multipart_body(jpeg: bytes, name: str) -> bytes:
+    head = (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+        "Content-Type: image/jpeg\r\n\r\n"
+    ).encode()
+    return head + jpeg + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+# -- the bare model --------------------------------------------------------------------------
+
+
+def bare_throughput(
+    model, images: torch.Tensor, batch: int, workers: int, threads: int, seconds: float
+) -> float:
+    """Images/s of `workers` threads each running batch-`batch` forward passes back to back."""
+    torch.set_num_threads(threads)
+    x = images[:batch].contiguous()
+    for _ in range(3):
+        model.probabilities(x)
+    counts = [0] * workers
+    stop = time.perf_counter() + seconds
+
+    def loop(i: int) -> None:
+        while time.perf_counter() < stop:
+            model.probabilities(x)
+            counts[i] += batch
+
+    threads_ = [threading.Thread(target=loop, args=(i,)) for i in range(workers)]
+    started = time.perf_counter()
+    for t in threads_:
+        t.start()
+    for t in threads_:
+        t.join()
+    return sum(counts) / (time.perf_counter() - started)
+
+
+def bare_latency_ms(model, images: torch.Tensor, seconds: float) -> float:
+    torch.set_num_threads(1)
+    times = []
+    stop = time.perf_counter() + seconds
+    i = 0
+    while time.perf_counter() < stop:
+        x = images[i % len(images)].unsqueeze(0)
+        t = time.perf_counter()
+        model.probabilities(x)
+        times.append(time.perf_counter() - t)
+        i += 1
+    return 1000 * statistics.median(times)
+
+
+# -- the server ------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args, weights: Path, batching: bool, port: int) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "CIFAR10_WEIGHTS": str(weights),
+        "CIFAR10_DEVICE": "cpu",
+        "CIFAR10_BATCHING": "true" if batching else "false",
+        "CIFAR10_MAX_BATCH_SIZE": str(args.max_batch_size),
+        "CIFAR10_MAX_WAIT_MS": str(args.max_wait_ms),
+        "CIFAR10_WORKERS": str(args.workers),
+        "CIFAR10_LOG_LEVEL": "WARNING",
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "app.main:app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--no-access-log",
+    ]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env)
+
+
+def wait_ready(proc: subprocess.Popen, base: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"error: the server exited with code {proc.returncode} during startup")
+        try:
+            if httpx.get(f"{base}/health/ready", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"error: the server was not ready after {timeout:.0f} s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def batch_stats(base: str) -> tuple[float, float]:
+    """(sum, count) of the server's batch-size histogram."""
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    total = float(re.search(r"^cifar10_batch_size_sum (\S+)$", text, re.M).group(1))
+    count = float(re.search(r"^cifar10_batch_size_count (\S+)$", text, re.M).group(1))
+    return total, count
+
+
+@dataclass
+class LoadResult:
+    images_per_s: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    mean_batch: float
+
+
+class RawConnection:
+    """One keep-alive HTTP/1.1 connection posting prepared requests: a client as light as asyncio
+    allows, so that the server and not the client is what gets measured."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, request: bytes) -> int:
+        """The response's status code, or 0 when the connection failed."""
+        try:
+            if self.writer is None:
+                self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+            self.writer.write(request)
+            status = int((await self.reader.readline()).split(b" ", 2)[1])
+            length, close = 0, False
+            while (line := await self.reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.partition(b":")
+                name = name.strip().lower()
+                if name == b"content-length":
+                    length = int(value)
+                elif name == b"connection" and value.strip().lower() == b"close":
+                    close = True
+            await self.reader.readexactly(length)
+        except (OSError, ValueError, IndexError, asyncio.IncompleteReadError):
+            self.close()
+            return 0
+        if close:
+            self.close()
+        return status
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def raw_request(body: bytes, host: str, port: int) -> bytes:
+    head = (
+        f"POST /predict HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+async def drive(
+    base: str, bodies: list[bytes], clients: int, warmup: float, duration: float, kind: str
+) -> LoadResult:
+    """`clients` back-to-back posters; only requests started after the warm-up are counted."""
+    latencies: list[float] = []
+    errors = 0
+    url = httpx.URL(base)
+    raw_requests = [raw_request(b, url.host, url.port) for b in bodies]
+    headers = {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    measure_from, stop_at = t0 + warmup, t0 + warmup + duration
+    batch_before: tuple[float, float] | None = None
+
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30.0) as client:
+
+        async def post(i: int, raw: RawConnection) -> int:
+            if kind == "raw":
+                return await asyncio.wait_for(raw.post(raw_requests[i]), 30.0)
+            try:
+                return (await client.post("/predict", content=bodies[i], headers=headers)).status_code
+            except httpx.HTTPError:
+                return 0
+
+        async def poster(k: int) -> None:
+            nonlocal errors
+            raw = RawConnection(url.host, url.port)
+            i = k
+            while (start := loop.time()) < stop_at:
+                status = await post(i % len(bodies), raw)
+                i += clients
+                if start >= measure_from and loop.time() <= stop_at:
+                    if status == 200:
+                        latencies.append(loop.time() - start)
+                    else:
+                        errors += 1
+            raw.close()
+
+        async def snapshot() -> None:
+            nonlocal batch_before
+            await asyncio.sleep(warmup)
+            batch_before = await asyncio.to_thread(batch_stats, base)
+
+        await asyncio.gather(snapshot(), *(poster(k) for k in range(clients)))
+    total_after, count_after = await asyncio.to_thread(batch_stats, base)
+    total_before, count_before = batch_before or (0.0, 0.0)
+    mean_batch = (total_after - total_before) / max(1.0, count_after - count_before)
+    latencies.sort()
+    if not latencies:
+        return LoadResult(0.0, float("nan"), float("nan"), errors, mean_batch)
+    return LoadResult(
+        images_per_s=len(latencies) / duration,
+        p50_ms=1000 * latencies[len(latencies) // 2],
+        p99_ms=1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+        errors=errors,
+        mean_batch=mean_batch,
+    )
+
+
+# -- main ------------------------------------------------------------------------------------
+
+
+def _ms(value: float) -> str:
+    return "-" if value != value else f"{value:.1f}"  # NaN -> "-"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cores = available_cpus()
+    workers = args.workers or cores
+    b = args.max_batch_size
+    jpegs = read_test_jpegs(Path(args.data), args.images)
+    bodies = [multipart_body(j, f"{i}.jpg") for i, j in enumerate(jpegs)]
+    images = torch.stack([load_image(io.BytesIO(j)) for j in jpegs])
+    print(
+        f"{len(jpegs)} CIFAR-10 test JPEGs from {args.data}; {cores} CPU core(s); torch {torch.__version__}"
+    )
+
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(args.weights)
+        if not weights.is_file():
+            weights = Path(tmp) / "random.pt"
+            torch.manual_seed(0)
+            save_checkpoint(weights, FinalModel())
+            print(f"{args.weights} not found: serving a randomly initialised FinalModel (same speed)")
+        model = load_model(weights, torch.device("cpu"))
+
+        bare_n = bare_throughput(model, images, b, workers, 1, args.bare_duration)
+        bare_1 = bare_throughput(model, images, b, 1, cores, args.bare_duration)
+        bare_lat = bare_latency_ms(model, images, args.bare_duration)
+        best_bare = max(bare_n, bare_1)
+        nan = float("nan")
+        rows = [
+            (f"bare model, batch {b}, {workers} worker(s) x 1 thread", "-", bare_n, nan, nan, ""),
+            (f"bare model, batch {b}, 1 worker x {cores} thread(s)", "-", bare_1, nan, nan, ""),
+            ("bare model, batch 1 forward, 1 thread", "1", 1000 / bare_lat, bare_lat, nan, ""),
+        ]
+
+        loaded: dict[str, LoadResult] = {}
+        single: dict[str, LoadResult] = {}
+        for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
+            port = free_port()
+            base = f"http://127.0.0.1:{port}"
+            proc = start_server(args, weights, mode == "on", port)
+            try:
+                wait_ready(proc, base, args.startup_timeout)
+                loaded[mode] = asyncio.run(
+                    drive(base, bodies, args.clients, args.warmup, args.duration, args.client)
+                )
+                single[mode] = asyncio.run(drive(base, bodies, 1, 0.5, args.single_duration, args.client))
+            finally:
+                stop_server(proc)
+            for r, clients in ((loaded[mode], args.clients), (single[mode], 1)):
+                note = f"{r.mean_batch:.1f}" + (f" ({r.errors} errors)" if r.errors else "")
+                rows.append(
+                    (f"server, batching {mode}", str(clients), r.images_per_s, r.p50_ms, r.p99_ms, note)
+                )
+
+    print(
+        f"\n{args.client} client; ratios against the best bare batch-{b} throughput "
+        f"({best_bare:,.0f} images/s)\n"
+    )
+    print(f"| configuration | clients | images/s | p50 ms | p99 ms | / bare batch-{b} | mean batch |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, clients, ips, p50, p99, batch in rows:
+        print(
+            f"| {name} | {clients} | {ips:,.0f} | {_ms(p50)} | {_ms(p99)} | {ips / best_bare:.2f} | {batch} |"
+        )
+    print()
+    if "on" in loaded:
+        ratio = loaded["on"].images_per_s / best_bare
+        print(f"batching on, {args.clients} clients / bare batch-{b}: {ratio:.2f} (aim >= 0.75)")
+    if "on" in loaded and "off" in loaded and loaded["off"].images_per_s:
+        ratio = loaded["on"].images_per_s / loaded["off"].images_per_s
+        print(f"batching on / off, {args.clients} clients: {ratio:.2f}x (aim >= 1.8x)")
+    if "on" in single:
+        extra = single["on"].p50_ms - bare_lat
+        print(
+            f"one client: p50 {single['on'].p50_ms:.2f} ms, bare batch-1 forward {bare_lat:.2f} ms: "
+            f"{extra:+.2f} ms (aim <= 2 ms)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

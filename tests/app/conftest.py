@@ -1,0 +1,104 @@
+"""Fixtures for the service tests: a checkpoint made here, settings, and running apps.
+
+The checkpoint holds a FinalModel initialised with a fixed seed, its BatchNorm statistics
+measured on smooth random images and its classifier scaled up, so that different images get
+different labels (a freshly initialised model gives every image the same answer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from app.checkpoint import save_checkpoint
+from app.main import create_app
+from app.model import FinalModel
+from app.preprocess import normalize
+from app.settings import ENV_PREFIX, Settings
+
+REPO = Path(__file__).resolve().parents[2]
+
+CHECKPOINT_META = {
+    "metrics": {"test_acc": 0.5, "train_acc": 0.4},
+    "epoch": 3,
+    "created_at": "2024-05-01T12:00:00+00:00",
+    "config": {"epochs": 3, "dropout": 0.05},
+}
+
+
+def distinct_model(seed: int = 0) -> FinalModel:
+    torch.manual_seed(seed)
+    model = FinalModel()
+    generator = torch.Generator().manual_seed(seed)
+    low = torch.rand(64, 3, 4, 4, generator=generator)
+    images = torch.nn.functional.interpolate(low, size=32, mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.reset_running_stats()
+                module.momentum = None  # a plain average over the calibration batch
+        model.train()
+        model(normalize((images * 255).round().to(torch.uint8)))
+        model.eval()
+        model.fc.weight.mul_(20)
+    return model
+
+
+@pytest.fixture(autouse=True)
+def no_service_environment(monkeypatch):
+    """Tests set what they need; CIFAR10_* variables of the shell running pytest must not leak in."""
+    for name in list(os.environ):
+        if name.startswith(ENV_PREFIX):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("weights") / "model.pt"
+    save_checkpoint(path, distinct_model(), **CHECKPOINT_META)
+    return path
+
+
+@pytest.fixture(scope="session")
+def make_settings(weights):
+    """Settings for a small, quick service on the CPU; keyword arguments override."""
+
+    def make(**overrides) -> Settings:
+        values = dict(
+            weights=weights,
+            device="cpu",
+            workers=1,
+            torch_threads=1,
+            decode_threads=2,
+            max_batch_size=8,
+            max_wait_ms=5.0,
+        )
+        values.update(overrides)
+        return Settings(**values)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def serve(make_settings):
+    """serve(**overrides) -> context manager yielding a TestClient with the lifespan running."""
+
+    @contextlib.contextmanager
+    def run(**overrides) -> Iterator[TestClient]:
+        with TestClient(create_app(make_settings(**overrides))) as client:
+            yield client
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def client(serve) -> Iterator[TestClient]:
+    """One running service shared by a module's read-mostly tests."""
+    with serve(workers=2) as client:
+        yield client

@@ -1,0 +1,314 @@
+"""The dynamic batcher: shared batches under concurrency, its limits, and its failure paths.
+
+The unit tests drive `DynamicBatcher` with a stand-in model that records every batch and can be
+held at a gate, so what ends up in which batch is decided by the test, not by timing.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, fields
+
+import pytest
+import torch
+
+from app.batching import DynamicBatcher, QueueFull
+from app.service import LoadedModel
+
+from .images import png_bytes
+
+WAIT = 10.0  # seconds a test waits for something that should happen at once
+
+
+class FakeModel:
+    """run(images) -> the first pixel of each image, so every caller can check it got its own rows."""
+
+    def __init__(self, barrier: threading.Barrier | None = None) -> None:
+        self.batches: list[list[int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.barrier = barrier
+        self.fail_next = False
+
+    def __call__(self, images: torch.Tensor) -> list[int]:
+        self.entered.set()
+        assert self.gate.wait(WAIT)
+        if self.barrier is not None:
+            self.barrier.wait(WAIT)
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("model exploded")
+        values = images[:, 0, 0, 0].tolist()
+        self.batches.append(values)
+        return values
+
+
+class Result:
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.value = None
+
+    def __call__(self, value) -> None:
+        self.value = value
+        self.done.set()
+
+    def outputs(self) -> list[int]:
+        assert self.done.wait(WAIT)
+        assert not isinstance(self.value, BaseException), self.value
+        return [r.output for r in self.value]
+
+
+def images(*values: int) -> torch.Tensor:
+    x = torch.zeros(len(values), 3, 32, 32, dtype=torch.uint8)
+    x[:, 0, 0, 0] = torch.tensor(values, dtype=torch.uint8)
+    return x
+
+
+def submit(batcher: DynamicBatcher, *values: int, arrival=None) -> Result:
+    result = Result()
+    ticket = batcher.reserve(len(values))
+    batcher.submit(ticket, images(*values), result, arrival)
+    return result
+
+
+@pytest.fixture
+def make_batcher():
+    made: list[DynamicBatcher] = []
+
+    def make(model, **kwargs) -> DynamicBatcher:
+        options = dict(max_batch_size=8, max_wait_s=0.005, max_queue_size=64, workers=1)
+        options.update(kwargs)
+        batcher = DynamicBatcher(model, **options)
+        batcher.start()
+        made.append(batcher)
+        return batcher
+
+    yield make
+    for batcher in made:
+        batcher.close()
+
+
+def hold_first_batch(batcher: DynamicBatcher, model: FakeModel) -> Result:
+    """Start a batch of one image (value 0) and keep it running until model.gate is set."""
+    model.gate.clear()
+    first = submit(batcher, 0)
+    assert model.entered.wait(WAIT)
+    return first
+
+
+def test_requests_queued_while_the_model_is_busy_share_the_next_batch(make_batcher):
+    model = FakeModel()
+    batcher = make_batcher(model)
+    first = hold_first_batch(batcher, model)
+    later = [submit(batcher, v) for v in (1, 2, 3, 4, 5)]
+    model.gate.set()
+    assert first.outputs() == [0]
+    assert [r.outputs() for r in later] == [[1], [2], [3], [4], [5]]
+    assert model.batches == [[0], [1, 2, 3, 4, 5]]
+
+
+def test_batches_never_exceed_max_batch_size(make_batcher):
+    model = FakeModel()
+    batcher = make_batcher(model, max_batch_size=4)
+    first = hold_first_batch(batcher, model)
+    later = [submit(batcher, v) for v in range(1, 11)]
+    model.gate.set()
+    first.outputs()
+    assert [r.outputs() for r in later] == [[v] for v in range(1, 11)]
+    assert model.batches == [[0], [1, 2, 3, 4], [5, 6, 7, 8], [9, 10]]
+
+
+def test_a_request_larger_than_a_batch_is_split_and_reassembled_in_order(make_batcher):
+    model = FakeModel()
+    batcher = make_batcher(model, max_batch_size=3)
+    assert submit(batcher, *range(1, 8)).outputs() == list(range(1, 8))
+    assert [len(b) for b in model.batches] == [3, 3, 1]
+
+
+def test_a_lone_request_is_not_held_for_max_wait(make_batcher):
+    model = FakeModel()
+    batcher = make_batcher(model, max_wait_s=60.0)
+    started = time.perf_counter()
+    assert submit(batcher, 7).outputs() == [7]
+    assert time.perf_counter() - started < 30.0  # nothing else is on its way: no 60 s wait
+
+
+def test_a_forming_batch_waits_for_an_announced_request(make_batcher):
+    model = FakeModel()
+    batcher = make_batcher(model, max_wait_s=60.0)
+    coming = batcher.announce()  # a request the server has started to receive
+    first = submit(batcher, 1)
+    time.sleep(0.1)
+    assert model.batches == []  # held: another request is on its way
+    second = submit(batcher, 2, arrival=coming)
+    assert first.outputs() == [1] and second.outputs() == [2]
+    assert model.batches == [[1, 2]]
+
+
+def test_max_wait_bounds_the_wait_for_a_request_that_never_comes(make_batcher):
+    model = FakeModel()
+    batcher = make_batcher(model, max_wait_s=0.05)
+    never = batcher.announce()
+    result = submit(batcher, 1)
+    assert result.outputs() == [1]
+    assert result.value[0].queue_s >= 0.05 - 1e-3  # it waited for the announced request, up to max_wait
+    never.settle()
+
+
+def test_an_announcement_given_up_releases_the_wait(make_batcher):
+    model = FakeModel()
+    batcher = make_batcher(model, max_wait_s=60.0)
+    coming = batcher.announce()
+    result = submit(batcher, 1)
+    time.sleep(0.05)
+    coming.settle()  # e.g. the request turned out to be invalid
+    assert result.outputs() == [1]
+
+
+def test_with_batching_off_requests_never_share_a_batch(make_batcher):
+    model = FakeModel()
+    batcher = make_batcher(model, batching=False)
+    first = hold_first_batch(batcher, model)
+    later = [submit(batcher, 1), submit(batcher, 2, 3, 4), submit(batcher, 5)]
+    model.gate.set()
+    first.outputs()
+    assert [r.outputs() for r in later] == [[1], [2, 3, 4], [5]]
+    assert model.batches == [[0], [1], [2, 3, 4], [5]]
+
+
+def test_queue_full_is_refused_and_capacity_comes_back(make_batcher):
+    model = FakeModel()
+    batcher = make_batcher(model, max_queue_size=3)
+    first = hold_first_batch(batcher, model)  # running, no longer on the queue
+    queued = submit(batcher, 1, 2)
+    ticket = batcher.reserve(1)
+    assert batcher.full()
+    with pytest.raises(QueueFull):
+        batcher.reserve(1)
+    batcher.release(ticket)
+    assert not batcher.full()
+    model.gate.set()
+    assert first.outputs() == [0] and queued.outputs() == [1, 2]
+    assert batcher.pending == 0
+    submit(batcher, 1, 2, 3).outputs()
+
+
+def test_a_cancelled_request_is_skipped(make_batcher):
+    model = FakeModel()
+    batcher = make_batcher(model)
+    first = hold_first_batch(batcher, model)
+    ticket = batcher.reserve(1)
+    gone = Result()
+    batcher.submit(ticket, images(9), gone).cancel()
+    kept = submit(batcher, 1)
+    model.gate.set()
+    first.outputs()
+    assert kept.outputs() == [1]
+    assert model.batches == [[0], [1]]
+    assert not gone.done.is_set()
+
+
+def test_a_failing_batch_fails_its_requests_and_the_next_one_is_served(make_batcher):
+    model = FakeModel()
+    batcher = make_batcher(model)
+    model.fail_next = True
+    failed = submit(batcher, 1)
+    assert failed.done.wait(WAIT) and isinstance(failed.value, RuntimeError)
+    assert submit(batcher, 2).outputs() == [2]
+
+
+def test_two_workers_run_batches_at_the_same_time(make_batcher):
+    # Each batch waits at a two-party barrier: with one worker the barrier would time out.
+    model = FakeModel(barrier=threading.Barrier(2))
+    batcher = make_batcher(model, workers=2, max_batch_size=1, max_wait_s=0.0)
+    a, b = submit(batcher, 1), submit(batcher, 2)
+    assert sorted(a.outputs() + b.outputs()) == [1, 2]
+
+
+# -- through HTTP ------------------------------------------------------------------------------
+
+
+def metric(text: str, name: str) -> float:
+    return float(re.search(rf"^{re.escape(name)} (\S+)$", text, re.M).group(1))
+
+
+def concurrent_posts(client, count: int) -> list:
+    def one(i: int):
+        return client.post("/predict", files=[("file", (f"{i}.png", png_bytes(i)))])
+
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(one, range(count)))
+
+
+def test_concurrent_requests_are_served_in_shared_batches(serve):
+    """16 clients at once, one forward worker: the batch-size histogram shows batches of more than
+    one image, i.e. fewer forward passes than requests."""
+    with serve(workers=1, max_batch_size=16, max_wait_ms=200) as client:
+        for _ in range(3):  # the batching is near certain in one round; three make it certain
+            answers = concurrent_posts(client, 16)
+            assert all(r.status_code == 200 for r in answers)
+            text = client.get("/metrics").text
+            if metric(text, "cifar10_batch_size_count") < metric(text, "cifar10_batch_size_sum"):
+                break
+        assert metric(text, "cifar10_batch_size_count") < metric(text, "cifar10_batch_size_sum")
+        assert metric(text, 'cifar10_batch_size_bucket{le="1.0"}') < metric(text, "cifar10_batch_size_count")
+        assert max(r.json()["timing"]["batch_size"] for r in answers) > 1
+
+
+def test_with_batching_off_every_request_is_its_own_forward_pass(serve):
+    with serve(workers=1, batching=False, max_wait_ms=200) as client:
+        answers = concurrent_posts(client, 12)
+        assert all(r.status_code == 200 for r in answers)
+        assert all(r.json()["timing"]["batch_size"] == 1 for r in answers)
+        text = client.get("/metrics").text
+        assert metric(text, "cifar10_batch_size_count") == metric(text, "cifar10_batch_size_sum") == 12
+
+
+@dataclass(frozen=True, eq=False)
+class HeldModel(LoadedModel):
+    """The served model, held inside its forward pass until `gate` opens (a stand-in for a slow model)."""
+
+    gate: threading.Event = field(default_factory=threading.Event)
+    entered: threading.Event = field(default_factory=threading.Event)
+
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        self.entered.set()
+        assert self.gate.wait(WAIT)
+        return super().probabilities(images)
+
+
+def test_a_full_queue_answers_503_with_retry_after(serve):
+    """One worker held inside a forward pass, a queue of two images filled: the next request is
+    refused at once, before its body is read; the held ones then finish normally."""
+    with serve(workers=1, max_queue_size=2, max_files=2, retry_after_s=3) as client:
+        service = client.app.state.service
+        served = service.model
+        held = HeldModel(**{f.name: getattr(served, f.name) for f in fields(LoadedModel)})
+        service.swap(held)
+        try:
+            with ThreadPoolExecutor(2) as pool:
+                running = pool.submit(client.post, "/predict", files=[("file", ("a.png", png_bytes(1)))])
+                assert held.entered.wait(WAIT)
+                two = [("file", (f"{i}.png", png_bytes(i))) for i in (2, 3)]
+                queued = pool.submit(client.post, "/predict", files=two)
+                deadline = time.monotonic() + WAIT
+                while service.batcher.queued < 2 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                r = client.post("/predict", files=[("file", ("c.png", png_bytes(4)))])
+                assert r.status_code == 503
+                assert r.headers["retry-after"] == "3"
+                assert r.json()["code"] == "queue_full"
+                held.gate.set()
+                assert running.result(WAIT).status_code == 200
+                assert queued.result(WAIT).status_code == 200
+        finally:
+            held.gate.set()
+            service.swap(served)
+        assert client.post("/predict", files=[("file", ("d.png", png_bytes(5)))]).status_code == 200
+        assert (
+            metric(client.get("/metrics").text, 'cifar10_rejected_requests_total{reason="queue_full"}') == 1
+        )
