@@ -120,7 +120,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for damaged or unsafe files
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        unsafe = [ln for ln in lines if "Unsupported global" in ln]
+        unsafe = [ln for ln in lines if "unsupported global" in ln.lower()]  # the case varies by version
         reason = (unsafe or lines or [type(exc).__name__])[0]
         raise CheckpointError(
             f"weights file {path} is damaged or not a weights-only PyTorch checkpoint ({reason[:160]})"

@@ -6,24 +6,45 @@
 happens at import: the lifespan loads the checkpoint, moves the model to its device, warms it
 up and only then lets requests in (GET /health/ready turns 200). A missing or damaged weights
 file stops the server with one log line and a non-zero exit.
+
+Signals, when the app runs in the main thread (under uvicorn):
+- SIGHUP reloads the configured weights file (as POST /admin/reload does) and logs the outcome.
+- SIGTERM drains first: readiness turns 503 ("draining") and new /predict requests get 503 with
+  Retry-After while the requests already admitted finish, for up to CIFAR10_DRAIN_TIMEOUT_S;
+  only then is uvicorn's own handler called, which closes the socket and stops the server.
+  (Run uvicorn with --timeout-graceful-shutdown to bound its wait for connections after that.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
+from types import FrameType
+from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi_offline import FastAPIOffline
 from pydantic import ValidationError
+from starlette.middleware.cors import CORSMiddleware
 
-from app.errors import install_error_handlers
+from app.admin import admin_router
+from app.checkpoint import CheckpointError
+from app.errors import ApiError, ErrorBody, install_error_handlers
 from app.metrics import Metrics, MetricsMiddleware
-from app.middleware import AdmissionMiddleware, BodyLimitMiddleware, StartupMessageMiddleware
+from app.middleware import (
+    AdmissionMiddleware,
+    ApiKeyMiddleware,
+    BodyLimitMiddleware,
+    StartupMessageMiddleware,
+)
 from app.routes import model_router, ops_router, predict_router
+from app.security import API_KEY_HEADER, require_api_key
 from app.service import ModelService, StartupError
 from app.settings import Settings, env_name
 
@@ -68,6 +89,87 @@ def _configure_logging(level: str) -> None:
         logger.addHandler(handler)
 
 
+async def _reload_on_sighup(service: ModelService) -> None:
+    log.info("SIGHUP: reloading the weights from %s", service.settings.weights)
+    try:
+        await asyncio.to_thread(service.reload)  # logs the swap itself
+    except CheckpointError as exc:
+        log.error("SIGHUP: reload refused: %s; still serving sha256 %s...", exc, service.model.sha256[:12])
+    except ApiError as exc:
+        log.warning("SIGHUP: no reload: %s", exc.detail)
+
+
+async def _drain_then_stop(service: ModelService, stop: Callable[[], Any]) -> None:
+    started = time.monotonic()
+    log.info(
+        "SIGTERM: draining, readiness is now 503; waiting up to %.1f s for %d request(s) in flight",
+        service.settings.drain_timeout_s,
+        service.in_flight,
+    )
+    if await service.drain():
+        log.info("drained in %.2f s; stopping", time.monotonic() - started)
+    else:
+        log.warning(
+            "drain timeout (%s): %d request(s) still in flight; stopping anyway",
+            env_name("drain_timeout_s"),
+            service.in_flight,
+        )
+    stop()
+
+
+def _install_signal_handlers(service: ModelService) -> Callable[[], None]:
+    """SIGHUP -> reload, SIGTERM -> drain, then the server's own handler; returns the undo.
+
+    Only in the main thread (where signals are delivered), and SIGTERM only when a server such
+    as uvicorn has a handler of its own to hand over to.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task] = set()  # strong references until done
+
+    def spawn(coroutine: Any) -> None:
+        task = loop.create_task(coroutine)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    undo: list[Callable[[], None]] = []
+    sighup = getattr(signal, "SIGHUP", None)
+    if sighup is not None:
+        loop.add_signal_handler(sighup, lambda: spawn(_reload_on_sighup(service)))
+        undo.append(lambda: loop.remove_signal_handler(sighup))
+
+    server_handler = signal.getsignal(signal.SIGTERM)
+    if callable(server_handler):
+        draining = False
+
+        def on_sigterm(signum: int, frame: FrameType | None) -> None:
+            nonlocal draining
+            if draining:  # a second SIGTERM: stop now
+                loop.call_soon_threadsafe(server_handler, signum, frame)
+                return
+            draining = True
+
+            def stop() -> None:
+                server_handler(signum, frame)
+
+            loop.call_soon_threadsafe(lambda: spawn(_drain_then_stop(service, stop)))
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+        def restore() -> None:
+            if signal.getsignal(signal.SIGTERM) is on_sigterm:
+                signal.signal(signal.SIGTERM, server_handler)
+
+        undo.append(restore)
+
+    def uninstall() -> None:
+        for step in undo:
+            step()
+
+    return uninstall
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings if settings is not None else settings_from_env()
     _configure_logging(settings.log_level)
@@ -82,9 +184,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except StartupError as exc:
             startup_failure.append(f"cannot start the service: {exc}")
             raise
+        uninstall_signal_handlers = _install_signal_handlers(service)
         try:
             yield
         finally:
+            uninstall_signal_handlers()
+            await service.drain()  # at once under uvicorn, which has waited for connections already
             service.begin_shutdown()
             await asyncio.to_thread(service.stop)
 
@@ -98,15 +203,39 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = service
     app.state.metrics = metrics
     install_error_handlers(app)
-    app.include_router(predict_router)
+    if settings.api_key is not None:
+        unauthorized = {
+            "model": ErrorBody,
+            "description": f"The API key is missing or wrong (header {API_KEY_HEADER} or Bearer).",
+        }
+        app.include_router(
+            predict_router, dependencies=[Depends(require_api_key)], responses={401: unauthorized}
+        )
+    else:
+        app.include_router(predict_router)
     app.include_router(model_router)
     app.include_router(ops_router)
+    app.include_router(admin_router)
 
     known_paths = {getattr(route, "path", "") for route in app.routes}
-    # The last added is the outermost: startup message, metrics, body limit, admission, routes.
-    app.add_middleware(AdmissionMiddleware, path="/predict", admit=service.admit, metrics=metrics)
+    # The last added is the outermost: startup message, CORS, metrics, API key, body limit,
+    # admission, routes.
+    app.add_middleware(
+        AdmissionMiddleware, path="/predict", admit=service.admit, done=service.request_done, metrics=metrics
+    )
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=metrics)
+    if settings.api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, path="/predict", key=settings.api_key, metrics=metrics)
     app.add_middleware(MetricsMiddleware, metrics=metrics, known_paths=known_paths)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", API_KEY_HEADER],
+            expose_headers=["Retry-After"],
+            max_age=600,
+        )
     app.add_middleware(StartupMessageMiddleware, message=lambda: next(iter(startup_failure), None))
     return app
 

@@ -23,6 +23,7 @@ from app.model import CLASSES
 PREFIX = "cifar10"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+RELOAD_OUTCOMES = ("swapped", "refused")
 UNMATCHED_ROUTE = "unmatched"  # 404s, so that made-up paths cannot blow up the label set
 
 
@@ -88,6 +89,11 @@ class Metrics:
             "Images admitted and not yet in a batch (being decoded or queued).",
             registry=registry,
         )
+        self.in_flight = Gauge(
+            f"{PREFIX}_requests_in_flight",
+            "/predict requests admitted and not yet answered (what a SIGTERM drain waits for).",
+            registry=registry,
+        )
         self.ready = Gauge(f"{PREFIX}_ready", "1 once the model is loaded and warmed up.", registry=registry)
         self.model_info = Info(f"{PREFIX}_model", "The model being served.", registry=registry)
         self.model_parameters = Gauge(
@@ -98,6 +104,14 @@ class Metrics:
             "Test accuracy recorded in the checkpoint (fraction; NaN when it has none).",
             registry=registry,
         )
+        self.reloads = Counter(
+            f"{PREFIX}_model_reloads",
+            "Weight reloads (POST /admin/reload or SIGHUP), by outcome: swapped or refused.",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in RELOAD_OUTCOMES:
+            self.reloads.labels(outcome)
         self._label_counters = [self.predictions.labels(c) for c in CLASSES]
 
     def observe_batch(self, size: int, run_s: float, waits: list[float]) -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from pydantic import SecretStr
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.batching import Arrival
 from app.errors import ApiError, error_response
 from app.metrics import Metrics
+from app.security import api_key_error
 
 
 class _BodyTooLarge(Exception):
@@ -79,18 +81,46 @@ class BodyLimitMiddleware:
                 await error_response(self._error(f"over {self.max_bytes:,} bytes"))(scope, receive, send)
 
 
+class ApiKeyMiddleware:
+    """401 for a POST to `path` without the right API key, before its body is read or it is admitted."""
+
+    def __init__(self, app: ASGIApp, path: str, key: SecretStr, metrics: Metrics) -> None:
+        self.app = app
+        self.path = path
+        self.key = key
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == self.path:
+            error = api_key_error(Headers(scope=scope), self.key)
+            if error is not None:
+                self.metrics.rejected.labels(error.code).inc()
+                await error_response(error)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class AdmissionMiddleware:
     """Admits a POST to `path` before its body is read: 503 while not ready or while the queue is full.
 
     `admit()` raises ApiError or returns the request's `Arrival`, which tells the batcher that
     a request is on its way; it is kept in the request's state (`request.state.arrival`) for
-    the route, and settled here at the latest, when the answer has been sent.
+    the route, and settled here at the latest, when the answer has been sent. `done()` is
+    called then too, for every admitted request: the service counts requests in flight.
     """
 
-    def __init__(self, app: ASGIApp, path: str, admit: Callable[[], Arrival], metrics: Metrics) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        path: str,
+        admit: Callable[[], Arrival],
+        done: Callable[[], None],
+        metrics: Metrics,
+    ) -> None:
         self.app = app
         self.path = path
         self.admit = admit
+        self.done = done
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -108,6 +138,7 @@ class AdmissionMiddleware:
             await self.app(scope, receive, send)
         finally:
             arrival.settle()
+            self.done()
 
 
 class StartupMessageMiddleware:

@@ -19,7 +19,9 @@ from app.model import IMAGE_SIZE, MEAN, STD
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if img.mode.startswith("I;16") and img.mode != "I;16":
+        img = img.convert("I")  # I;16B (TIFF), I;16L...: point() and getextrema() refuse them
+    if img.mode in ("I;16", "I"):
         # 16/32-bit greyscale: scale to 8 bits instead of letting convert() clip at 255. Some
         # Pillow versions open 16-bit PNGs as mode "I", so the scale follows the values' range.
         low, high = img.getextrema()

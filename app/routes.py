@@ -50,7 +50,8 @@ async def predict(
     request: Request,
     service: ServiceDep,
     files: Annotated[
-        list[UploadFile], File(alias="file", description="One or more image files; repeat the field.")
+        list[UploadFile],
+        File(alias="file", min_length=1, description="One or more image files; repeat the field."),
     ],
     top_k: Annotated[
         int | None,

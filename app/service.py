@@ -2,8 +2,12 @@
 
 `ModelService` owns the model, the decode thread pool and the `DynamicBatcher`. The model sits
 in one attribute that holds an immutable `LoadedModel`; every batch reads it once, so `swap()`
-can replace it atomically while requests keep flowing (the hook for a future authenticated
-"reload weights" endpoint: load and warm the new one off to the side, then swap).
+can replace it atomically while requests keep flowing. `reload()` (POST /admin/reload, SIGHUP)
+loads, checks and warms a new checkpoint off to the side and only then swaps it in; a file
+that fails any check is refused and the old weights keep serving.
+
+Lifecycle: starting -> ready -> draining (SIGTERM: readiness and new requests get 503 while the
+admitted ones finish, see `drain()`) -> stopping.
 
 Threading, for a small CPU model: `workers` inference threads each run whole batches with
 PyTorch's intra-op threads set to `torch_threads` (process-wide; by default cores / workers, so
@@ -16,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -101,12 +106,26 @@ class LoadedModel:
 
 
 def load_model(weights: str | Path, device: torch.device) -> LoadedModel:
-    """Read and check a checkpoint and put its model on `device`; raises CheckpointError."""
+    """Read and check a checkpoint and put its model on `device`; raises CheckpointError.
+
+    Besides the checks of `load_checkpoint` and `build_model` (format, architecture, classes,
+    finite weights), one forward pass on a fixed image must give finite logits of shape (1, 10).
+    """
     ckpt = load_checkpoint(weights)
     model = build_model(ckpt)
     layers = layer_table(model)  # measured on the CPU, before the move
     total, trainable = count_parameters(model)
     model.to(device)
+    with torch.inference_mode():
+        probe = torch.full((1, *INPUT_SHAPE), 128, dtype=torch.uint8, device=device)
+        logits = model(normalize(probe))
+    finite = bool(torch.isfinite(logits).all())
+    if tuple(logits.shape) != (1, len(CLASSES)) or not finite:
+        got = f"shape {tuple(logits.shape)}" + ("" if finite else " with NaN or infinite values")
+        raise CheckpointError(
+            f"weights file {weights} fails the test forward pass: logits of {got}, "
+            f"not finite ones of shape (1, {len(CLASSES)})"
+        )
     return LoadedModel(
         model=model,
         device=device,
@@ -137,8 +156,10 @@ class ModelService:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.state = "starting"  # starting -> ready -> stopping
+        self.state = "starting"  # starting -> ready -> draining -> stopping
         self._model: LoadedModel | None = None
+        self._reload_lock = threading.Lock()  # one reload at a time
+        self.in_flight = 0  # /predict requests admitted and not yet answered (event-loop thread only)
         self._batcher: DynamicBatcher | None = None
         self._decode_pool: ThreadPoolExecutor | None = None
         self.device: torch.device | None = None
@@ -192,6 +213,7 @@ class ModelService:
         )
         self._batcher.start()
         self.metrics.queue_images.set_function(lambda: self._batcher.pending if self._batcher else 0)
+        self.metrics.in_flight.set_function(lambda: self.in_flight)
         self.state = "ready"
         self.metrics.ready.set(1)
         accuracy = "not recorded" if loaded.test_accuracy is None else f"{100 * loaded.test_accuracy:.2f}%"
@@ -225,6 +247,9 @@ class ModelService:
             {
                 "name": MODEL_NAME,
                 "sha256": loaded.sha256,
+                "weights_file": loaded.weights_file,
+                "trained_at": str(loaded.meta.get("created_at", "")),
+                "loaded_at": loaded.loaded_at,
                 "device": str(loaded.device),
                 "dtype": str(loaded.dtype).removeprefix("torch."),
                 "parameters": str(loaded.total_params),
@@ -236,8 +261,54 @@ class ModelService:
             float("nan") if loaded.test_accuracy is None else loaded.test_accuracy
         )
 
-    def begin_shutdown(self) -> None:
+    def reload(self, weights: str | Path | None = None) -> tuple[LoadedModel, LoadedModel]:
+        """Blocking: load, check and warm up `weights` (default: the configured file), then swap it in.
+
+        Returns (previous, new). Raises CheckpointError for a file that fails any check (the old
+        weights keep serving) and ApiError 503 unless the service is ready. Concurrent reloads
+        run one after the other.
+        """
+        path = Path(weights) if weights is not None else self.settings.weights
+        with self._reload_lock:
+            if not self.ready or self.device is None:
+                raise self.not_ready_error()
+            try:
+                loaded = load_model(path, self.device)
+            except CheckpointError:
+                self.metrics.reloads.labels("refused").inc()
+                raise
+            if self.settings.warmup:
+                self._warm_up(loaded)
+            previous = self.model
+            self.swap(loaded)
+            self.metrics.reloads.labels("swapped").inc()
+        log.info(
+            "reloaded weights from %s: now serving sha256 %s... (trained at %s), before %s...",
+            path,
+            loaded.sha256[:12],
+            loaded.meta.get("created_at", "unknown"),
+            previous.sha256[:12],
+        )
+        return previous, loaded
+
+    def begin_drain(self) -> None:
+        """Readiness turns false and new /predict requests get 503; admitted ones carry on."""
         if self.state == "ready":
+            self.state = "draining"
+            self.metrics.ready.set(0)
+
+    async def drain(self, timeout_s: float | None = None) -> bool:
+        """Begin draining and wait until no admitted request is left, or `timeout_s` (default: the
+        setting) has passed. True when it emptied in time."""
+        self.begin_drain()
+        timeout_s = self.settings.drain_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        while self.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return self.in_flight == 0
+
+    def begin_shutdown(self) -> None:
+        if self.state in ("ready", "draining"):
             self.state = "stopping"
             self.metrics.ready.set(0)
 
@@ -245,7 +316,7 @@ class ModelService:
         """Blocking: finish queued work, then stop the threads."""
         self.begin_shutdown()
         if self._batcher is not None:
-            self._batcher.close()
+            self._batcher.close(timeout=max(1.0, self.settings.drain_timeout_s))
         if self._decode_pool is not None:
             self._decode_pool.shutdown(wait=True, cancel_futures=True)
 
@@ -306,13 +377,22 @@ class ModelService:
             raise
 
     def admit(self) -> Arrival:
-        """Called as a /predict request starts to arrive, before its body is read; raises ApiError."""
+        """Called as a /predict request starts to arrive, before its body is read; raises ApiError.
+
+        An admitted request counts as in flight until `request_done()` (the middleware calls it
+        once the answer is sent); draining waits for that count to reach zero.
+        """
         batcher = self._batcher
         if not self.ready or batcher is None:
             raise self.not_ready_error()
         if batcher.full():
             raise self.queue_full_error(f"{batcher.pending} images waiting")
-        return batcher.announce()
+        arrival = batcher.announce()
+        self.in_flight += 1
+        return arrival
+
+    def request_done(self) -> None:
+        self.in_flight -= 1
 
     async def predict(
         self, uploads: list[Upload], top_k: int, arrival: Arrival | None = None
@@ -320,7 +400,8 @@ class ModelService:
         """Decode, queue, wait for the batch, and return per-image results in upload order."""
         started = time.perf_counter()
         batcher, pool = self._batcher, self._decode_pool
-        if not self.ready or batcher is None or pool is None:
+        # While draining, requests admitted before it began are still served.
+        if self.state not in ("ready", "draining") or batcher is None or pool is None:
             raise self.not_ready_error()
         if not uploads:
             raise ApiError(422, "invalid_request", "no images: send one or more files in the field 'file'")
@@ -365,6 +446,14 @@ class ModelService:
         except asyncio.CancelledError:
             job.cancel()
             raise
+        if len({id(r.output[1]) for r in results}) > 1:
+            # A reload landed between this request's batches: answer from the new weights alone.
+            loaded = self.model
+            probs = await asyncio.to_thread(loaded.probabilities, images)
+            results = [
+                ItemResult((row, loaded), r.queue_s, r.run_s, r.batch_size)
+                for row, r in zip(probs.tolist(), results, strict=True)
+            ]
         return self._answer(uploads, results, top_k, decode_s, started)
 
     def _answer(
@@ -436,7 +525,7 @@ class ModelService:
         return format_layer_table(loaded.layers, loaded.total_params, loaded.trainable_params)
 
     def not_ready_error(self) -> ApiError:
-        what = "is shutting down" if self.state == "stopping" else "is still loading the model"
+        what = "is still loading the model" if self.state == "starting" else "is shutting down"
         return ApiError(
             503,
             "not_ready",

@@ -8,12 +8,13 @@ Every field below is one variable (``max_batch_size`` -> ``CIFAR10_MAX_BATCH_SIZ
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.device import DEVICE_CHOICES
 
@@ -83,6 +84,27 @@ class Settings(BaseSettings):
         3, description="Classes listed per image when the request does not say (query top_k)."
     )
     warmup: bool = Field(True, description="Run warm-up batches before reporting ready.")
+    drain_timeout_s: Annotated[float, Field(ge=0, le=3600)] = Field(
+        10.0,
+        description="On SIGTERM, longest wait for admitted /predict requests to finish before the server "
+        "stops; meanwhile readiness answers 503 and new requests get 503 with Retry-After.",
+    )
+
+    api_key: SecretStr | None = Field(
+        None,
+        description="When set, /predict requires it in the X-API-Key header or as "
+        "'Authorization: Bearer <key>'; unset (the default): /predict is open.",
+    )
+    admin_token: SecretStr | None = Field(
+        None,
+        description="Bearer token for POST /admin/reload; unset (the default): reloading over HTTP is "
+        "disabled (SIGHUP still reloads).",
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        [],
+        description="Origins allowed to call the API from a browser (comma-separated or a JSON list, "
+        "'*' for any); empty (the default): no CORS headers.",
+    )
     log_level: str = Field("INFO", description="Level of the service's own log lines.")
 
     @field_validator("device")
@@ -91,6 +113,21 @@ class Settings(BaseSettings):
         value = value.strip().lower()
         if value not in DEVICE_CHOICES and not (value.startswith("cuda:") and value[5:].isdigit()):
             raise ValueError(f"must be one of {', '.join(DEVICE_CHOICES)} or cuda:N, not {value!r}")
+        return value
+
+    @field_validator("api_key", "admin_token")
+    @classmethod
+    def _empty_is_unset(cls, value: SecretStr | None) -> SecretStr | None:
+        return value if value is not None and value.get_secret_value().strip() else None
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origin_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
         return value
 
     @field_validator("log_level")

@@ -23,9 +23,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def uvicorn(port: int, **env: str) -> subprocess.Popen:
+def uvicorn(port: int, *args: str, **env: str) -> subprocess.Popen:
+    """`uvicorn app.main:app` on loopback `port`, with extra command-line `args` and environment `env`."""
     environment = {**os.environ, "PYTHONPATH": str(REPO), **env}
     command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
+    command += args
     return subprocess.Popen(
         command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )

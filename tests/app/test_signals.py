@@ -1,0 +1,175 @@
+"""Signals to a real `uvicorn app.main:app`: SIGHUP reloads the weights, SIGTERM drains, then stops.
+
+The in-flight requests of the drain tests are uploads whose bodies the test holds back: the
+server has admitted them (their headers arrived) and waits for the rest, for as long as the
+test wants, with no CPU spent, so the drain is observed without any timing luck.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from app.checkpoint import file_sha256
+
+from .images import png_bytes
+from .test_reload import variant
+from .test_server import STARTUP_TIMEOUT, free_port, uvicorn
+
+WAIT = 30.0  # seconds to wait for something that should happen soon
+BOUNDARY = "held-upload-boundary"
+
+
+def wait_ready(proc, base: str) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"{base}/health/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"the server did not get ready:\n{proc.communicate()[0]}")
+
+
+def wait_for(condition, what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def metric(base: str, name: str) -> float:
+    text = httpx.get(f"{base}/metrics", timeout=5).text
+    return float(re.search(rf"^{re.escape(name)} (\S+)$", text, re.M).group(1))
+
+
+@pytest.fixture
+def server(weights, tmp_path) -> Iterator:
+    """start(*args, **env) -> (process, base URL); the process is killed at the end if still running."""
+    started = []
+
+    def start(*args: str, **env: str):
+        port = free_port()
+        env = {"CIFAR10_WEIGHTS": str(weights), "CIFAR10_DEVICE": "cpu", "CIFAR10_WARMUP": "false", **env}
+        proc = uvicorn(port, *args, **env)
+        started.append(proc)
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(proc, base)
+        return proc, base
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_sighup_reloads_the_configured_weights_and_refuses_a_bad_file(server, weights, tmp_path):
+    live = tmp_path / "live.pt"
+    shutil.copy(weights, live)
+    proc, base = server(CIFAR10_WEIGHTS=str(live))
+    assert httpx.get(f"{base}/health/ready").json()["model_sha256"] == file_sha256(weights)
+
+    variant(
+        weights, tmp_path / "new.pt", lambda m: m.fc.weight.mul_(-1), created_at="2025-06-01T00:00:00+00:00"
+    )
+    (tmp_path / "new.pt").replace(live)  # an atomic rename, as training's checkpoint writer does
+    new_sha = file_sha256(live)
+    proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: httpx.get(f"{base}/health/ready").json()["model_sha256"] == new_sha, "the swap")
+    summary = httpx.get(f"{base}/model/summary").json()
+    assert summary["checkpoint"]["created_at"] == "2025-06-01T00:00:00+00:00"
+    r = httpx.post(f"{base}/predict", files=[("file", ("a.png", png_bytes(1)))], timeout=WAIT)
+    assert r.status_code == 200 and r.json()["model"]["sha256"] == new_sha
+
+    live.write_bytes(b"half a checkpoint")  # a bad file: refused, the new weights keep serving
+    proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: metric(base, 'cifar10_model_reloads_total{outcome="refused"}') == 1, "the refusal")
+    assert httpx.get(f"{base}/health/ready").json()["model_sha256"] == new_sha
+    assert metric(base, 'cifar10_model_reloads_total{outcome="swapped"}') == 1
+
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=WAIT)
+    assert "reloaded weights from" in output and new_sha[:12] in output
+    assert "SIGHUP: reload refused" in output and "damaged" in output
+
+
+def held_upload(base: str, release: threading.Event, seed: int) -> httpx.Response:
+    """POST /predict whose body stops halfway until `release` is set (sent chunked)."""
+    head = (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="{seed}.png"\r\n'
+        "Content-Type: image/png\r\n\r\n"
+    ).encode()
+    body = head + png_bytes(seed) + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+    def chunks() -> Iterator[bytes]:
+        yield body[: len(head) + 20]
+        release.wait(WAIT)
+        yield body[len(head) + 20 :]
+
+    headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+    return httpx.post(f"{base}/predict", content=chunks(), headers=headers, timeout=2 * WAIT)
+
+
+def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(server):
+    proc, base = server(CIFAR10_DRAIN_TIMEOUT_S="60", CIFAR10_RETRY_AFTER_S="2")
+    release = threading.Event()
+    count = 4
+    with ThreadPoolExecutor(count) as pool:
+        try:
+            in_flight = [pool.submit(held_upload, base, release, seed) for seed in range(count)]
+            wait_for(lambda: metric(base, "cifar10_requests_in_flight") == count, "the uploads to start")
+            proc.send_signal(signal.SIGTERM)
+
+            # Readiness turns false first, while the socket still takes connections...
+            wait_for(lambda: httpx.get(f"{base}/health/ready").status_code == 503, "readiness to turn 503")
+            assert httpx.get(f"{base}/health/ready").json()["status"] == "draining"
+            # ...and a new request is refused at once, with Retry-After.
+            started = time.perf_counter()
+            r = httpx.post(f"{base}/predict", files=[("file", ("new.png", png_bytes(9)))], timeout=WAIT)
+            assert time.perf_counter() - started < 5.0
+            assert r.status_code == 503 and r.headers["retry-after"] == "2"
+            assert r.json()["code"] == "not_ready" and "shutting down" in r.json()["detail"]
+            assert proc.poll() is None  # still draining: nothing in flight has been lost
+        finally:
+            release.set()
+        answers = [future.result(2 * WAIT) for future in in_flight]
+    assert [a.status_code for a in answers] == [200] * count
+    output, _ = proc.communicate(timeout=WAIT)  # well within the drain timeout
+    # uvicorn re-raises the SIGTERM it handled once it has shut down cleanly (the POSIX convention),
+    # so the status is -SIGTERM here; as a container's PID 1 the same process exits 0.
+    assert proc.returncode in (0, -signal.SIGTERM), output
+    assert "SIGTERM: draining" in output and "drained in" in output
+    assert "Application shutdown complete" in output and "Traceback" not in output
+
+
+def test_the_drain_timeout_bounds_the_wait_for_a_stuck_request(server):
+    """A client that never finishes its upload delays the stop by the drain timeout, not forever
+    (uvicorn's --timeout-graceful-shutdown then bounds the wait for the connection itself)."""
+    proc, base = server("--timeout-graceful-shutdown", "1", CIFAR10_DRAIN_TIMEOUT_S="1")
+    release = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        stuck = pool.submit(held_upload, base, release, 0)
+        try:
+            wait_for(lambda: metric(base, "cifar10_requests_in_flight") == 1, "the upload to start")
+            started = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            output, _ = proc.communicate(timeout=WAIT)
+            assert time.monotonic() - started < 15.0
+        finally:
+            release.set()
+        # uvicorn cancels the request when its own timeout passes: a plain-text 500, or a reset.
+        with contextlib.suppress(httpx.HTTPError):
+            assert stuck.result(2 * WAIT).status_code == 500
+    assert "drain timeout (CIFAR10_DRAIN_TIMEOUT_S): 1 request(s) still in flight" in output
