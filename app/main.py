@@ -17,6 +17,14 @@ Signals, when the app runs in the main thread (under uvicorn):
 
 from __future__ import annotations
 
+import os
+
+# oneDNN keeps compiled kernels per (layer, input shape) in a cache of 1,024 entries by default;
+# a batcher that runs every batch size from 1 to max_batch_size made the server grow by about
+# 850 MB in a 3-minute soak. 64 entries hold the hot shapes: RSS stays near 650-750 MB at the
+# same throughput (measured). Set before torch is imported; a value in the environment wins.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
+
 import asyncio
 import logging
 import signal
