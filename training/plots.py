@@ -54,7 +54,9 @@ def plot_confusion(confusion: torch.Tensor, path: Path, title: str = "Confusion 
 def plot_misclassified(images: torch.Tensor, true: torch.Tensor, pred: torch.Tensor, path: Path,
                        count: int = 25) -> None:
     """A grid of misclassified uint8 (N, 3, 32, 32) images labelled predicted / true."""
-    wrong = (pred != true).nonzero().flatten()[:count]
+    wrong = (pred != true).nonzero().flatten()
+    # A seeded sample, not the first few: the test split is sorted by class.
+    wrong = wrong[torch.randperm(len(wrong), generator=torch.Generator().manual_seed(0))[:count]]
     cols = 5
     rows = max(1, (len(wrong) + cols - 1) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.5 * rows), squeeze=False)
