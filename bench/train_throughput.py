@@ -1,6 +1,6 @@
 """Training throughput of FinalModel: the full training step against the bare model step.
 
-    python bench/train_throughput.py [--data cifar10-jpeg.tar.gz] [--steps 8]
+    python bench/train_throughput.py [--data cifar10-jpeg.tar.gz] [--steps 8] [--compile]
 
 "full" is `training.train.train_one_epoch` itself: batch gather from the in-memory uint8 data
 set, normalisation, batch augmentation (flip, translate, cutout), forward, label-smoothed loss,
@@ -74,10 +74,13 @@ def bare_rate(data: Split, batch: int, steps: int, amp: bool, channels_last: boo
 
 
 def full_rate(data: Split, batch: int, steps: int, amp: bool, channels_last: bool, dropout: float,
-              rank: int = 0, world: int = 1) -> float:
-    """images/s of train_one_epoch over `steps` batches (after a 2-batch warm-up), all ranks together."""
+              rank: int = 0, world: int = 1, compile: bool = False) -> float:
+    """images/s of train_one_epoch over `steps` batches (after a 2-batch warm-up, which is also
+    when torch.compile compiles), all ranks together."""
     model, opt = make_model(dropout, channels_last)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if compile:
+        net = torch.compile(net)
     cfg = TrainConfig(batch_size=batch, epochs=1, dropout=dropout)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=steps + 3)
     ctx = make_ctx(amp, channels_last, rank, world)
@@ -113,6 +116,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8, help="timed batches per measurement")
     p.add_argument("--batch-size", type=int, default=256, help="batch size of the headline rows")
     p.add_argument("--dropout", type=float, default=0.05, help="dropout of the headline rows")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the step under torch.compile against the same step eager (1 process)")
     args = p.parse_args()
 
     if args.data:
@@ -155,6 +160,17 @@ def main() -> None:
     print(f"1 proc x {cores} threads, full step:           {one:7.1f} img/s")
     print(f"DDP 2x1 / 1x{cores}: {two / one:.2f}")
     print(f"DDP 2x1 bf16+channels_last / plain fp32 NCHW 1x{cores}: {two / plain:.2f}")
+
+    if args.compile:
+        for threads in (1, cores):
+            torch.set_num_threads(threads)
+            eager = full_rate(data, b, args.steps, True, True, d)
+            compiled = full_rate(data, b, args.steps, True, True, d, compile=True)
+            eager_again = full_rate(data, b, args.steps, True, True, d)
+            base = (eager + eager_again) / 2
+            print(f"\ntorch.compile, 1 proc x {threads} thr, bf16 + channels_last, full step: "
+                  f"eager {eager:.1f} / {eager_again:.1f} img/s (before / after), compiled {compiled:.1f} img/s, "
+                  f"compiled / eager: {compiled / base:.2f}", flush=True)
 
 
 if __name__ == "__main__":

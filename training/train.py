@@ -102,8 +102,8 @@ FLAG_HELP = {
     "amp": "bf16 autocast: auto uses it on CUDA and on CPUs with native bf16",
     "channels_last": "NHWC memory format: auto uses it on CUDA and CPU",
     "threads": "torch threads per process; 0 divides the cores among local processes",
-    "compile": "torch.compile the model for training (a minute or two of compiling first; "
-    "about 1.2x on a CPU, more on a GPU); may be turned on or off on --resume",
+    "compile": "torch.compile the model for training (a minute or two of compiling first); "
+    "on a CPU it helps one process but slows DDP down; may be turned on or off on --resume",
     "dry_run": "tiny data, one epoch, out=runs/dry-run unless --out is given: the pipeline in seconds",
 }
 
