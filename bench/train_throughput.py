@@ -10,6 +10,7 @@ already normalised batch of the same size and settings. full / bare is the data 
 
 Rows vary what the issue asked about: memory format, bf16 autocast, batch size, dropout and
 threads, and finally two single-thread processes under DDP (gloo) against one two-thread process.
+With --compile it times the full step under torch.compile against eager instead.
 """
 
 from __future__ import annotations
@@ -109,6 +110,18 @@ def ddp_rate(args, data: Split) -> float:
     return results.get()
 
 
+def compare_compile(data: Split, batch: int, dropout: float, steps: int, cores: int) -> None:
+    """Eager, compiled, eager again (so drift in a noisy machine shows), for 1 and `cores` threads."""
+    for threads in sorted({1, cores}):
+        torch.set_num_threads(threads)
+        eager = full_rate(data, batch, steps, True, True, dropout)
+        compiled = full_rate(data, batch, steps, True, True, dropout, compile=True)
+        eager_again = full_rate(data, batch, steps, True, True, dropout)
+        print(f"1 proc x {threads} thr, batch {batch}, bf16 + channels_last, full step: eager "
+              f"{eager:.1f} then {eager_again:.1f} img/s, compiled {compiled:.1f} img/s; "
+              f"compiled / eager {compiled / ((eager + eager_again) / 2):.2f}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="CIFAR-10 source as in training (default: random images)")
@@ -117,7 +130,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256, help="batch size of the headline rows")
     p.add_argument("--dropout", type=float, default=0.05, help="dropout of the headline rows")
     p.add_argument("--compile", action="store_true",
-                   help="also time the step under torch.compile against the same step eager (1 process)")
+                   help="instead of the rows above: the full step under torch.compile against the same "
+                   "step eager, in one process with 1 and with all threads")
     args = p.parse_args()
 
     if args.data:
@@ -131,8 +145,12 @@ def main() -> None:
     print(f"torch {torch.__version__}, {cores} cores, bf16 support: "
           f"{torch.ops.mkldnn._is_mkldnn_bf16_supported()}, {args.steps} timed steps per row\n")
 
-    rows = []
     b, d = args.batch_size, args.dropout
+    if args.compile:
+        compare_compile(data, b, d, args.steps, cores)
+        return
+
+    rows = []
     for threads, batch, amp, cl, drop in [
         (cores, b, False, False, d),  # plain PyTorch
         (cores, b, False, True, d),
@@ -160,17 +178,6 @@ def main() -> None:
     print(f"1 proc x {cores} threads, full step:           {one:7.1f} img/s")
     print(f"DDP 2x1 / 1x{cores}: {two / one:.2f}")
     print(f"DDP 2x1 bf16+channels_last / plain fp32 NCHW 1x{cores}: {two / plain:.2f}")
-
-    if args.compile:
-        for threads in (1, cores):
-            torch.set_num_threads(threads)
-            eager = full_rate(data, b, args.steps, True, True, d)
-            compiled = full_rate(data, b, args.steps, True, True, d, compile=True)
-            eager_again = full_rate(data, b, args.steps, True, True, d)
-            base = (eager + eager_again) / 2
-            print(f"\ntorch.compile, 1 proc x {threads} thr, bf16 + channels_last, full step: "
-                  f"eager {eager:.1f} / {eager_again:.1f} img/s (before / after), compiled {compiled:.1f} img/s, "
-                  f"compiled / eager: {compiled / base:.2f}", flush=True)
 
 
 if __name__ == "__main__":

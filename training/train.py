@@ -73,12 +73,7 @@ class TrainConfig:
     amp: str = "auto"  # auto | on | off
     channels_last: str = "auto"
     threads: int = 0  # per process; 0: cores / local processes
-    compile: bool = False  # torch.compile the training step
     dry_run: bool = False
-
-
-# Settings that change speed, not results: --resume keeps the saved recipe but takes these anew.
-SPEED_SETTINGS = ("threads", "compile")
 
 
 FLAG_HELP = {
@@ -102,8 +97,6 @@ FLAG_HELP = {
     "amp": "bf16 autocast: auto uses it on CUDA and on CPUs with native bf16",
     "channels_last": "NHWC memory format: auto uses it on CUDA and CPU",
     "threads": "torch threads per process; 0 divides the cores among local processes",
-    "compile": "torch.compile the model for training (a minute or two of compiling first); "
-    "on a CPU it helps one process but slows DDP down; may be turned on or off on --resume",
     "dry_run": "tiny data, one epoch, out=runs/dry-run unless --out is given: the pipeline in seconds",
 }
 
@@ -286,8 +279,7 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict:
         state = torch.load(last_path, map_location="cpu", weights_only=True)
         if state.get("format") != RESUME_FORMAT:
             raise DataError(f"--resume: {last_path} is not a training state written by this module")
-        speed = {name: getattr(cfg, name) for name in SPEED_SETTINGS}
-        cfg = TrainConfig(**{**state["config"], "out": cfg.out, **speed})
+        cfg = TrainConfig(**{**state["config"], "out": cfg.out})
 
     device = resolve_device(cfg.device)
     if device.type == "cuda" and world > 1:
@@ -320,9 +312,8 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict:
     if rank == 0:
         log.info("data %s: %d train, %d validation, %d test images; fingerprint %s",
                  cfg.data, len(train), len(val), len(test), data.fingerprint[:16])
-        log.info("device %s, %d process(es), %d thread(s) each, autocast %s, channels_last %s%s",
-                 device, world, torch.get_num_threads(), amp_dtype, channels_last,
-                 ", torch.compile" if cfg.compile else "")
+        log.info("device %s, %d process(es), %d thread(s) each, autocast %s, channels_last %s",
+                 device, world, torch.get_num_threads(), amp_dtype, channels_last)
 
     torch.manual_seed(cfg.seed)
     model = FinalModel(dropout=cfg.dropout).to(device)
@@ -350,8 +341,6 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict:
         if rank == 0:
             log.info("resuming at epoch %d, batch %d", start_epoch + 1, start_batch)
     net = DistributedDataParallel(model) if world > 1 else model
-    if cfg.compile:
-        net = torch.compile(net)  # compiles on the first step; `model` stays the plain module
 
     stop = StopFlag()
     stop.install()

@@ -66,34 +66,6 @@ def test_training_learns_an_easy_task(tiny_data, tmp_path):
     assert load_checkpoint(out / "final_model.pt").meta["metrics"]["test_acc"] >= 0.5
 
 
-def test_compiled_training_learns_and_resumes_uncompiled(tiny_data, tmp_path):
-    """--compile trains the same model: the checkpoint loads into the service's FinalModel, and
-    a run started compiled can go on without it (a speed setting --resume takes anew)."""
-    out, cache = tmp_path / "run", str(tmp_path / "cache")
-    common = ["--data", str(tiny_data), "--cache-dir", cache, "--out", str(out), "--val-size", "20",
-              "--batch-size", "10", "--lr", "0.05", "--cutout", "0", "--dropout", "0"]
-    proc = run_training(*common, "--epochs", "10", "--compile", timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "torch.compile" in proc.stderr
-    ckpt = load_checkpoint(out / "final_model.pt")
-    assert not any("_orig_mod" in key for key in ckpt.state_dict)
-    build_model(ckpt)
-    assert ckpt.meta["config"]["compile"] is True
-    history = json.loads((out / "history.json").read_text())
-    # It learns (30 test images are too few to compare runs; chance is 10%):
-    assert history[-1]["train_loss"] < 0.85 * history[0]["train_loss"]
-    assert max(h["val_acc"] for h in history) >= 0.35
-
-    state = torch.load(out / "last.pt", weights_only=True)
-    # Rewind the saved state to the end of epoch 8 (10 steps an epoch): two epochs left.
-    state["epoch"], state["history"] = 8, state["history"][:8]
-    state["scheduler"]["last_epoch"], state["scheduler"]["_step_count"] = 80, 81
-    torch.save(state, out / "last.pt")
-    resumed = run_training("--out", str(out), "--resume", "--cache-dir", cache)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming at epoch 9" in resumed.stderr and "torch.compile" not in resumed.stderr
-
-
 def test_dry_run_flag_runs_the_pipeline(tiny_data, tmp_path):
     proc = run_training("--data", str(tiny_data), "--cache-dir", str(tmp_path / "cache"),
                         "--dry-run", "--limit", "100", "--out", str(tmp_path / "dry"), "--val-size", "10",
