@@ -58,20 +58,26 @@ def fingerprint(*splits: Split) -> str:
     return digest.hexdigest()
 
 
-def _read_image_folder(root: Path) -> Split:
-    """root/<class>/<image> for the ten CIFAR-10 classes -> a Split, labels in CLASSES order."""
+def _list_image_folder(root: Path) -> list[tuple[Path, int]]:
+    """root/<class>/<image> for the ten CIFAR-10 classes -> (file, label), in the Split's order."""
     found = sorted(p.name for p in root.iterdir() if p.is_dir())
     if sorted(found) != sorted(CLASSES):
         raise DataError(f"{root} must hold one folder per CIFAR-10 class {list(CLASSES)}, found {found}")
-    images, labels = [], []
-    for label, name in enumerate(CLASSES):
-        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        for path in files:
-            images.append(load_image(path))
-            labels.append(label)
-    if not images:
+    files = [
+        (path, label)
+        for label, name in enumerate(CLASSES)
+        for path in sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    ]
+    if not files:
         raise DataError(f"{root} holds no images")
-    return Split(torch.stack(images), torch.tensor(labels, dtype=torch.int64))
+    return files
+
+
+def _read_image_folder(root: Path) -> Split:
+    """root/<class>/<image> for the ten CIFAR-10 classes -> a Split, labels in CLASSES order."""
+    files = _list_image_folder(root)
+    images = torch.stack([load_image(path) for path, _ in files])
+    return Split(images, torch.tensor([label for _, label in files], dtype=torch.int64))
 
 
 def _find_split_root(root: Path) -> Path:
@@ -98,7 +104,8 @@ def _unpack(archive: Path, cache_dir: Path, digest: str) -> Path:
     return target
 
 
-def _load_folder_source(path: Path, cache_dir: Path) -> tuple[Split, Split]:
+def _folder_root(path: Path, cache_dir: Path) -> Path:
+    """The folder holding train/ and test/ of an ImageFolder directory or archive (unpacked once)."""
     if path.is_file():
         if not tarfile.is_tarfile(path):
             raise DataError(f"{path} is not a tar archive")
@@ -107,7 +114,21 @@ def _load_folder_source(path: Path, cache_dir: Path) -> tuple[Split, Split]:
         root = path
     else:
         raise DataError(f"data source {path} does not exist")
-    root = _find_split_root(root)
+    return _find_split_root(root)
+
+
+def test_split_files(source: str, cache_dir: str | Path = ".cache/data") -> list[tuple[Path, int]]:
+    """The test split's image files with their labels, in the order of `load_cifar10(source).test`.
+
+    Only for an ImageFolder directory or archive: torchvision's download holds no files.
+    """
+    if source == "cifar10":
+        raise DataError("the torchvision download has no image files; use an ImageFolder folder or archive")
+    return _list_image_folder(_folder_root(Path(source), Path(cache_dir)) / "test")
+
+
+def _load_folder_source(path: Path, cache_dir: Path) -> tuple[Split, Split]:
+    root = _folder_root(path, cache_dir)
     log.info("decoding images under %s", root)
     return _read_image_folder(root / "train"), _read_image_folder(root / "test")
 
@@ -179,9 +200,13 @@ def split_validation(train: Split, val_size: int, seed: int) -> tuple[Split, Spl
     return train.subset(order[val_size:]), train.subset(order[:val_size])
 
 
+def limit_index(total: int, n: int, seed: int) -> torch.Tensor:
+    """Which of `total` images a seeded random subset of at most `n` keeps (all, in order, if n >= total)."""
+    if n >= total:
+        return torch.arange(total)
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
+
+
 def limit_split(split: Split, n: int, seed: int) -> Split:
     """A seeded random subset of at most `n` images (for --limit and --dry-run)."""
-    if n >= len(split):
-        return split
-    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
-    return split.subset(order[:n])
+    return split if n >= len(split) else split.subset(limit_index(len(split), n, seed))

@@ -1,6 +1,7 @@
 """Accuracy of any checkpoint on the CIFAR-10 test split, with the pictures.
 
     python -m training.evaluate --weights weights/final_model.pt --data cifar10-jpeg.tar.gz [--tta]
+    python -m training.evaluate ... --check-service   # and the served labels must agree with it
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from app.checkpoint import CheckpointError, build_model, load_checkpoint
 from app.device import DEVICE_CHOICES, autocast_dtype, resolve_device
 from app.model import CLASSES
 from app.preprocess import normalize
-from training.data import DataError, Split, limit_split, load_cifar10
+from training.data import DataError, Split, limit_index, load_cifar10, test_split_files
+from training.served import ServiceError, local_service, served_labels
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +31,7 @@ def predict(
     model: torch.nn.Module,
     images: torch.Tensor,
     device: torch.device,
-    batch_size: int = 500,
+    batch_size: int = 100,
     tta: bool = False,
     amp: bool = False,
 ) -> torch.Tensor:
@@ -92,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="also report horizontal-flip test-time augmentation")
     p.add_argument("--amp", action="store_true",
                    help="bf16 autocast for speed (the reported figures default to float32)")
-    p.add_argument("--batch-size", type=int, default=500, help="images per forward pass")
+    p.add_argument("--batch-size", type=int, default=100, help="images per forward pass")
     p.add_argument("--limit", type=int, default=0, help="evaluate only this many test images (0: all)")
     p.add_argument("--out", default=None,
                    help="folder for evaluation.json and the pictures (default: none written)")
@@ -101,22 +103,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-drop", type=float, default=None,
                    help="exit 1 when test accuracy is more than this many points (e.g. 0.3) below the "
                         "test_acc recorded in the checkpoint")
+    p.add_argument("--check-service", action="store_true",
+                   help="also post every test image file to POST /predict of a service on these weights "
+                        "(started on loopback, or --service-url) and compare its labels with this evaluation")
+    p.add_argument("--service-url", default=None,
+                   help="a running service to check instead of starting one, e.g. http://127.0.0.1:8000")
+    p.add_argument("--max-disagree", type=int, default=0,
+                   help="with --check-service: exit 1 when more images than this get another label served")
     return p
+
+
+def check_service(args, device: torch.device, files: list, logits: torch.Tensor,
+                  labels: torch.Tensor) -> dict:
+    """Served labels against `logits`' argmax for the same files; prints a summary and disagreements."""
+    started = time.perf_counter()
+    service = nullcontext(args.service_url) if args.service_url else local_service(args.weights, device.type)
+    with service as url:
+        served = torch.tensor(served_labels(url, [path for path, _ in files]))
+    evaluated = logits.argmax(1)
+    differ = (served != evaluated).nonzero().flatten().tolist()
+    served_acc = (served == labels).float().mean().item()
+    print(f"served labels: {len(files) - len(differ):,} of {len(files):,} agree with this evaluation; "
+          f"served accuracy {100 * served_acc:.2f}% ({time.perf_counter() - started:.1f}s)")
+    for i in differ[:10]:
+        print(f"  {files[i][0].name} ({CLASSES[labels[i]]}): served {CLASSES[served[i]]}, "
+              f"evaluated {CLASSES[evaluated[i]]}")
+    return {"images": len(files), "disagree": len(differ), "served_accuracy": served_acc}
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
+    files = None
     try:
         ckpt = load_checkpoint(args.weights)
         model = build_model(ckpt)
+        if args.check_service or args.service_url:
+            try:
+                files = test_split_files(args.data, args.cache_dir)
+            except DataError as exc:
+                raise DataError(f"--check-service: {exc}") from None
         data = load_cifar10(args.data, args.cache_dir)
     except (CheckpointError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     device = resolve_device(args.device)
     model.to(device)
-    test = limit_split(data.test, args.limit, seed=0) if args.limit else data.test
+    index = limit_index(len(data.test), args.limit, seed=0) if args.limit else torch.arange(len(data.test))
+    test = data.test.subset(index)
+    if files is not None:
+        if [label for _, label in files] != data.test.labels.tolist():
+            print("error: --check-service: the test files do not match the decoded test split",
+                  file=sys.stderr)
+            return 2
+        files = [files[i] for i in index.tolist()]
     started = time.perf_counter()
     logits = predict(model, test.images, device, args.batch_size, amp=args.amp)
     result = {"weights": args.weights, "sha256": ckpt.sha256, "data": args.data,
@@ -141,6 +181,18 @@ def main(argv: list[str] | None = None) -> int:
         write_report(test, logits, out)
         (out / "evaluation.json").write_text(json.dumps(result, indent=2))
         print(f"wrote {out / 'evaluation.json'}, confusion_matrix.png, misclassified.png")
+    if files is not None:
+        try:
+            result["service"] = check_service(args, device, files, logits, test.labels)
+        except ServiceError as exc:
+            print(f"error: --check-service: {exc}", file=sys.stderr)
+            return 1
+        if args.out:
+            (Path(args.out) / "evaluation.json").write_text(json.dumps(result, indent=2))
+        if result["service"]["disagree"] > args.max_disagree:
+            print(f"error: {result['service']['disagree']} served labels differ from this evaluation "
+                  f"(at most {args.max_disagree} allowed)", file=sys.stderr)
+            return 1
     if args.max_drop is not None:
         if recorded is None:
             print("error: --max-drop needs a checkpoint with a recorded test_acc", file=sys.stderr)

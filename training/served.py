@@ -1,0 +1,106 @@
+"""End to end: the labels the running service gives the test images, against evaluation's own.
+
+`python -m training.evaluate ... --check-service` posts every test image file, as it is on disk,
+to `POST /predict` of a service on the same weights (one it starts on loopback, or a running one
+given by `--service-url`), and counts the images whose served label differs from the label
+evaluation computed from the decoded pixels. Only the standard library speaks HTTP here, so the
+check needs nothing beyond the training extra.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+from app.model import CLASSES
+
+FILES_PER_REQUEST = 16
+
+
+class ServiceError(Exception):
+    """The service could not be started or did not answer as documented."""
+
+
+def _multipart(files: Sequence[Path]) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    parts = []
+    for path in files:
+        head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{path.name}"\r\n'
+                "Content-Type: application/octet-stream\r\n\r\n")
+        parts += [head.encode(), path.read_bytes(), b"\r\n"]
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+def _post(url: str, files: Sequence[Path], timeout: float) -> list[int]:
+    body, content_type = _multipart(files)
+    request = urllib.request.Request(f"{url}/predict?top_k=1", data=body,
+                                     headers={"Content-Type": content_type})
+    for attempt in range(5):
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                predictions = json.loads(response.read())["predictions"]
+            break
+        except urllib.error.HTTPError as exc:
+            if exc.code != 503 or attempt == 4:  # 503: queue full or still starting, so wait
+                raise ServiceError(f"POST {url}/predict answered {exc.code}: {exc.read()[:300]!r}") from None
+            time.sleep(float(exc.headers.get("Retry-After") or 1))
+    if len(predictions) != len(files):
+        raise ServiceError(f"{len(files)} files posted, {len(predictions)} predictions returned")
+    return [CLASSES.index(p["label"]) for p in predictions]
+
+
+def served_labels(url: str, files: Sequence[Path], concurrency: int = 4, timeout: float = 60.0) -> list[int]:
+    """The service's label for each file, in order (FILES_PER_REQUEST files a request)."""
+    chunks = [files[i : i + FILES_PER_REQUEST] for i in range(0, len(files), FILES_PER_REQUEST)]
+    with ThreadPoolExecutor(concurrency) as pool:
+        return [label for labels in pool.map(lambda c: _post(url, c, timeout), chunks) for label in labels]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def local_service(weights: str | Path, device: str = "cpu", timeout: float = 120.0) -> Iterator[str]:
+    """`uvicorn app.main:app` on a free loopback port serving `weights`; yields its base URL."""
+    port = _free_port()
+    env = {**os.environ, "CIFAR10_WEIGHTS": str(weights), "CIFAR10_DEVICE": device,
+           "CIFAR10_MAX_FILES": str(FILES_PER_REQUEST), "CIFAR10_LOG_LEVEL": "WARNING"}
+    cmd = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port),
+           "--log-level", "warning", "--no-access-log"]
+    proc = subprocess.Popen(cmd, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise ServiceError(f"the service exited with code {proc.returncode} during startup")
+            try:
+                with urllib.request.urlopen(f"{url}/health/ready", timeout=2):
+                    break
+            except (urllib.error.URLError, OSError):
+                if time.monotonic() > deadline:
+                    raise ServiceError(f"the service was not ready after {timeout:.0f} s") from None
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
