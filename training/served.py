@@ -56,6 +56,8 @@ def _post(url: str, files: Sequence[Path], timeout: float) -> list[int]:
             if exc.code != 503 or attempt == 4:  # 503: queue full or still starting, so wait
                 raise ServiceError(f"POST {url}/predict answered {exc.code}: {exc.read()[:300]!r}") from None
             time.sleep(float(exc.headers.get("Retry-After") or 1))
+        except (urllib.error.URLError, OSError) as exc:
+            raise ServiceError(f"POST {url}/predict failed: {getattr(exc, 'reason', exc)}") from None
     if len(predictions) != len(files):
         raise ServiceError(f"{len(files)} files posted, {len(predictions)} predictions returned")
     return [CLASSES.index(p["label"]) for p in predictions]

@@ -47,3 +47,10 @@ def test_the_torchvision_source_is_refused_plainly(checkpoint_path, tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: --check-service: the torchvision download has no image files; "
         "use an ImageFolder folder or archive")
+
+
+def test_an_unreachable_service_is_one_clear_error(checkpoint_path, tiny_archive, tmp_path):
+    proc = run_evaluate(checkpoint_path, tiny_archive, tmp_path, "--service-url", "http://127.0.0.1:9")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "error: --check-service: POST http://127.0.0.1:9/predict failed: [Errno 111] Connection refused")
