@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = resolve_device(args.device)
     model.to(device)
-    index = limit_index(len(data.test), args.limit, seed=0) if args.limit else torch.arange(len(data.test))
+    index = limit_index(len(data.test), args.limit or len(data.test), seed=0)
     test = data.test.subset(index)
     if files is not None:
         if [label for _, label in files] != data.test.labels.tolist():
@@ -179,20 +179,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         out = Path(args.out)
         write_report(test, logits, out)
-        (out / "evaluation.json").write_text(json.dumps(result, indent=2))
-        print(f"wrote {out / 'evaluation.json'}, confusion_matrix.png, misclassified.png")
     if files is not None:
         try:
             result["service"] = check_service(args, device, files, logits, test.labels)
         except ServiceError as exc:
             print(f"error: --check-service: {exc}", file=sys.stderr)
             return 1
-        if args.out:
-            (Path(args.out) / "evaluation.json").write_text(json.dumps(result, indent=2))
-        if result["service"]["disagree"] > args.max_disagree:
-            print(f"error: {result['service']['disagree']} served labels differ from this evaluation "
-                  f"(at most {args.max_disagree} allowed)", file=sys.stderr)
-            return 1
+    if args.out:  # after the service check, so that the file holds its result too
+        (Path(args.out) / "evaluation.json").write_text(json.dumps(result, indent=2))
+        print(f"wrote {Path(args.out) / 'evaluation.json'}, confusion_matrix.png, misclassified.png")
+    if files is not None and result["service"]["disagree"] > args.max_disagree:
+        print(f"error: {result['service']['disagree']} served labels differ from this evaluation "
+              f"(at most {args.max_disagree} allowed)", file=sys.stderr)
+        return 1
     if args.max_drop is not None:
         if recorded is None:
             print("error: --max-drop needs a checkpoint with a recorded test_acc", file=sys.stderr)
