@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from app.checkpoint import atomic_torch_save, save_checkpoint
+from app.checkpoint import CheckpointError, atomic_torch_save, build_model, load_checkpoint, save_checkpoint
 from app.device import DEVICE_CHOICES, autocast_dtype, resolve_device
 from app.model import FinalModel
 from app.preprocess import normalize
@@ -74,6 +74,7 @@ class TrainConfig:
     channels_last: str = "auto"
     threads: int = 0  # per process; 0: cores / local processes
     dry_run: bool = False
+    init: str = ""  # start from this checkpoint's weights (a second cycle); "" starts from scratch
 
 
 FLAG_HELP = {
@@ -98,6 +99,8 @@ FLAG_HELP = {
     "channels_last": "NHWC memory format: auto uses it on CUDA and CPU",
     "threads": "torch threads per process; 0 divides the cores among local processes",
     "dry_run": "tiny data, one epoch, out=runs/dry-run unless --out is given: the pipeline in seconds",
+    "init": "start from the weights of this final_model.pt (a further OneCycle on a finished run); "
+            "it must come from the same data, validation split and seed",
 }
 
 
@@ -122,12 +125,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
+    # `is`, not `in (None, False)`: 0 == False, and --dropout 0 or --cutout 0 must count
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-             if getattr(args, f.name) not in (None, False)}
+             if getattr(args, f.name) is not None and getattr(args, f.name) is not False}
     if given.get("dry_run"):
         given = {"epochs": 1, "limit": 512, "val_size": 64, "batch_size": 64,
                  "out": "runs/dry-run", **given}
     return TrainConfig(**given), args.resume
+
+
+def init_weights(model: torch.nn.Module, cfg: TrainConfig, fingerprint: str) -> dict:
+    """Load --init's weights into `model`; refuse a checkpoint whose validation split differs.
+
+    The parent run's training images must not be this run's validation images, so the data,
+    the validation size and the seed (which draws the split) have to be the parent's.
+    """
+    try:
+        ckpt = load_checkpoint(cfg.init)
+        weights = build_model(ckpt).state_dict()
+    except CheckpointError as exc:
+        raise DataError(f"--init: {exc}") from None
+    parent = ckpt.meta.get("config", {})
+    if ckpt.meta.get("data_fingerprint") != fingerprint:
+        raise DataError(f"--init: {cfg.init} was not trained on this data (its fingerprint differs)")
+    for key in ("seed", "val_size", "limit"):
+        if parent.get(key) != getattr(cfg, key):
+            raise DataError(f"--init: {cfg.init} used --{key.replace('_', '-')} {parent.get(key)}, "
+                            f"this run {getattr(cfg, key)}; the validation split must be the same")
+    model.load_state_dict(weights)
+    return {"path": Path(cfg.init).name, "sha256": ckpt.sha256,
+            "epochs": int(ckpt.meta.get("total_epochs", ckpt.meta.get("epoch", 0))),
+            "metrics": {k: v for k, v in ckpt.meta.get("metrics", {}).items()
+                        if k in ("val_acc", "test_acc")}}
 
 
 # ---------------------------------------------------------------- distributed helpers
@@ -326,6 +355,12 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict:
         optimizer, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
         pct_start=cfg.pct_start)
 
+    init_info = None
+    if cfg.init and state is None:
+        init_info = init_weights(model, cfg, data.fingerprint)
+        if rank == 0:
+            log.info("starting from %s (sha256 %s, %d epochs before this run)",
+                     cfg.init, init_info["sha256"][:12], init_info["epochs"])
     history: list[dict] = []
     best = {"val_acc": -1.0, "epoch": -1, "state_dict": None, "train_acc": 0.0}
     start_epoch, start_batch, sums, elapsed = 0, 0, (0.0, 0.0, 0.0), 0.0
@@ -336,6 +371,7 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict:
         history, best = state["history"], state["best"]
         start_epoch, start_batch = state["epoch"], state["batch"]
         sums, elapsed = tuple(state["sums"]), state["elapsed"]
+        init_info = state.get("init")
         if data.fingerprint != state["data_fingerprint"]:
             raise DataError("--resume: the data differs from the data the run started on")
         if rank == 0:
@@ -346,7 +382,10 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict:
     stop.install()
     meta = {"config": dataclasses.asdict(cfg), "data_fingerprint": data.fingerprint,
             "data_source": Path(cfg.data).name, "code_version": code_version(),
-            "device": device_description(device, world)}
+            "device": device_description(device, world),
+            "total_epochs": cfg.epochs + (init_info["epochs"] if init_info else 0)}
+    if init_info:
+        meta["init"] = init_info
 
     def save_state(epoch: int, batch: int, sums_now) -> None:
         if rank != 0:
@@ -356,7 +395,7 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict:
             "batch": batch, "sums": list(sums_now), "elapsed": elapsed,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "history": history, "best": best,
-            "data_fingerprint": data.fingerprint,
+            "data_fingerprint": data.fingerprint, "init": init_info,
             "saved_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }, last_path)
 

@@ -173,3 +173,47 @@ def test_evaluate_max_drop_compares_with_recorded(tiny_data, tmp_path, checkpoin
     assert "recorded in the checkpoint: 50.00%" in proc.stdout
     if code:
         assert "points below the recorded 50.00%" in proc.stderr
+
+
+def test_init_continues_from_a_finished_run(tiny_data, tmp_path):
+    """--init starts a new cycle from a parent's weights and records where they came from."""
+    common = ["--data", str(tiny_data), "--cache-dir", str(tmp_path / "cache"), *TINY]
+    parent = run_training(*common, "--out", str(tmp_path / "a"), "--epochs", "2")
+    assert parent.returncode == 0, parent.stderr[-2000:]
+    parent_ckpt = load_checkpoint(tmp_path / "a" / "final_model.pt")
+
+    # lr 0: the learned weights cannot move (only BatchNorm's running statistics do)
+    child = run_training(*common, "--out", str(tmp_path / "b"), "--epochs", "1", "--lr", "0",
+                         "--init", str(tmp_path / "a" / "final_model.pt"))
+    assert child.returncode == 0, child.stderr[-2000:]
+    child_ckpt = load_checkpoint(tmp_path / "b" / "final_model.pt")
+    meta = child_ckpt.meta
+    assert meta["init"]["sha256"] == parent_ckpt.sha256 and meta["init"]["epochs"] == 2
+    assert meta["total_epochs"] == 3
+    buffers = ("running_mean", "running_var", "batches_tracked")
+    learned = [k for k in parent_ckpt.state_dict if not k.endswith(buffers)]
+    assert learned and all(torch.equal(child_ckpt.state_dict[k], parent_ckpt.state_dict[k]) for k in learned)
+    scratch = run_training(*common, "--out", str(tmp_path / "c"), "--epochs", "1", "--lr", "0")
+    assert scratch.returncode == 0, scratch.stderr[-2000:]
+    fresh = load_checkpoint(tmp_path / "c" / "final_model.pt").state_dict
+    assert not all(torch.equal(fresh[k], parent_ckpt.state_dict[k]) for k in learned)
+
+
+def test_init_refuses_a_parent_with_another_validation_split(tiny_data, tmp_path):
+    common = ["--data", str(tiny_data), "--cache-dir", str(tmp_path / "cache"), *TINY]
+    assert run_training(*common, "--out", str(tmp_path / "a"), "--epochs", "1").returncode == 0
+    child = run_training(*common, "--out", str(tmp_path / "b"), "--epochs", "1", "--seed", "1",
+                         "--init", str(tmp_path / "a" / "final_model.pt"))
+    assert child.returncode == 2
+    assert "used --seed 0, this run 1; the validation split must be the same" in child.stderr
+
+
+def test_zero_valued_flags_are_not_replaced_by_defaults(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    proc = run_training("--data", str(tiny_data), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+                        "--epochs", "1", *TINY, "--dropout", "0", "--cutout", "0", "--translate", "0",
+                        "--label-smoothing", "0", "--weight-decay", "0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    config = load_checkpoint(out / "final_model.pt").meta["config"]
+    assert {k: config[k] for k in ("dropout", "cutout", "translate", "label_smoothing", "weight_decay")} == {
+        "dropout": 0, "cutout": 0, "translate": 0, "label_smoothing": 0, "weight_decay": 0}
