@@ -8,9 +8,13 @@ Waiting when nothing is on its way could only add latency, so a lone client neve
 
 Only one worker gathers at a time, so while one runs a forward pass the next batch forms behind
 it; with N single-threaded workers on N cores the passes run side by side (PyTorch releases the
-GIL inside its kernels). Admission is all or nothing per request: a request whose images would
-push the queue past `max_queue_size` is refused with `QueueFull` before it is decoded, which
-bounds both latency and memory.
+GIL inside its kernels). Gathering is work-conserving: a batch waits for more images only while
+every other worker is running one, since then a wait keeps no core idle; once another worker is
+free, the forming batch starts with what it has and that worker gathers the next one.
+
+Admission is all or nothing per request: a request whose images would push the queue past
+`max_queue_size` is refused with `QueueFull` before it is decoded, which bounds both latency
+and memory.
 
 With `batching=False` each request still goes through the same queue and workers, but a batch
 never mixes requests: the per-request baseline the benchmark compares against.
@@ -123,6 +127,7 @@ class DynamicBatcher:
         self._gather = threading.Lock()  # one worker forms a batch at a time
         self._done_lock = threading.Lock()
         self._arriving = 0  # announced requests not yet submitted or given up
+        self._running = 0  # workers inside a forward pass
         self._reserved_images = 0  # images of tickets reserved, not yet submitted or released
         self._closed = False
         self._threads = [
@@ -238,7 +243,9 @@ class DynamicBatcher:
                 self._cond.wait()
             if self.batching:
                 deadline = self._items[0].queued_at + self.max_wait_s
-                while len(self._items) < self.max_batch_size and self._arriving and not self._closed:
+                others = len(self._threads) - 1
+                while (len(self._items) < self.max_batch_size and self._arriving and not self._closed
+                       and self._running >= others):
                     remaining = deadline - time.perf_counter()
                     if remaining <= 0:
                         break
@@ -251,6 +258,8 @@ class DynamicBatcher:
                 item = self._items.popleft()
                 if not item.job.cancelled:
                     batch.append(item)
+            if batch:
+                self._running += 1  # under the lock: the next gatherer sees this worker busy at once
             return batch
 
     def _work(self) -> None:
@@ -260,8 +269,14 @@ class DynamicBatcher:
             batch = self._next_batch()
             if batch is None:
                 return
-            if batch:
+            if not batch:
+                continue
+            try:  # _next_batch counted this worker as running
                 self._run_batch(batch)
+            finally:
+                with self._cond:
+                    self._running -= 1
+                    self._cond.notify_all()  # a gatherer that was waiting may now start its batch
 
     def _run_batch(self, batch: list[_Item]) -> None:
         started = time.perf_counter()

@@ -222,6 +222,33 @@ def test_a_failing_batch_fails_its_requests_and_the_next_one_is_served(make_batc
     assert submit(batcher, 2).outputs() == [2]
 
 
+def test_with_a_worker_free_a_forming_batch_does_not_wait(make_batcher):
+    """Work-conserving: waiting for an announced request while a worker idles would waste a core."""
+    model = FakeModel()
+    batcher = make_batcher(model, workers=2, max_wait_s=60.0)
+    coming = batcher.announce()
+    assert submit(batcher, 1).outputs() == [1]  # not held for the 60 s max_wait
+    assert coming.open
+    coming.settle()
+
+
+def test_while_the_other_worker_runs_a_forming_batch_waits_then_starts_when_it_is_free(make_batcher):
+    model = FakeModel()
+    batcher = make_batcher(model, workers=2, max_wait_s=60.0)
+    first = hold_first_batch(batcher, model)  # one worker busy
+    coming = batcher.announce()
+    second = submit(batcher, 1)
+    time.sleep(0.1)
+    assert batcher.queued == 1  # gathering: the wait costs no idle core
+    third = submit(batcher, 2)
+    time.sleep(0.1)
+    assert batcher.queued == 2  # still gathering: `coming` has not arrived
+    model.gate.set()  # the busy worker finishes: the gathered batch starts without waiting 60 s
+    assert first.outputs() == [0] and second.outputs() == [1] and third.outputs() == [2]
+    assert model.batches[1:] == [[1, 2]] and coming.open
+    coming.settle()
+
+
 def test_two_workers_run_batches_at_the_same_time(make_batcher):
     # Each batch waits at a two-party barrier: with one worker the barrier would time out.
     model = FakeModel(barrier=threading.Barrier(2))
