@@ -44,6 +44,7 @@ from starlette.middleware.cors import CORSMiddleware
 from app.admin import admin_router
 from app.checkpoint import CheckpointError
 from app.errors import ApiError, ErrorBody, install_error_handlers
+from app.fastpath import PredictFastPath
 from app.metrics import Metrics, MetricsMiddleware
 from app.middleware import (
     AdmissionMiddleware,
@@ -225,9 +226,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ops_router)
     app.include_router(admin_router)
 
-    known_paths = {getattr(route, "path", "") for route in app.routes}
+    # The documented paths and the docs' own: FastAPI nests included routers rather than copying
+    # their routes into app.routes, so the schema is where every path is listed.
+    known_paths = set(app.openapi()["paths"]) | {getattr(route, "path", "") for route in app.routes}
     # The last added is the outermost: startup message, CORS, metrics, API key, body limit,
-    # admission, routes.
+    # admission, the /predict fast path, routes.
+    if settings.fast_path:
+        app.add_middleware(PredictFastPath, path="/predict", service=service, metrics=metrics)
     app.add_middleware(
         AdmissionMiddleware, path="/predict", admit=service.admit, done=service.request_done, metrics=metrics
     )

@@ -53,6 +53,11 @@ class Settings(BaseSettings):
         description="Images admitted but not yet in a forward pass (being decoded or queued); "
         "a request that would go over gets 503 with Retry-After.",
     )
+    fast_path: bool = Field(
+        True,
+        description="Answer plain /predict requests (files in 'file', at most ?top_k=) in a lean ASGI "
+        "handler instead of FastAPI's route; same answers, less CPU per request. Others use the route.",
+    )
     retry_after_s: Annotated[int, Field(ge=1)] = Field(
         1, description="Seconds a 503 answer tells the client to wait (the Retry-After header)."
     )

@@ -1,0 +1,153 @@
+"""POST /predict without FastAPI's per-request machinery, for the plain requests that need none of it.
+
+On two cores the event loop's share of the CPU is what the model cannot have: routing,
+dependency resolution, Starlette's form parser (a spooled temporary file per upload) and the
+response model's validation cost about as much per request as decoding the image. This ASGI
+middleware sits innermost, behind the metrics, API-key, body-limit and admission middleware, and
+answers a request itself when it is the common case: a multipart/form-data body of at most 1 MiB
+with a Content-Length, whose every part is a file in the field `file`, and at most the query
+`top_k=<1..10>`. It calls the same
+`ModelService.predict` and serialises the same `PredictResponse`, so the answer is the route's,
+byte for byte apart from the timings. Anything else (another field, a part without a filename,
+an unusual query, a body that does not parse) is handed to the FastAPI route untouched, body
+replayed, so every error answer and the OpenAPI schema stay the route's own.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+
+from python_multipart.multipart import parse_options_header
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.errors import ApiError, error_response
+from app.metrics import Metrics
+from app.service import ModelService, Upload
+from app.settings import MAX_TOP_K
+
+_TOP_K = re.compile(rb"top_k=(\d{1,2})")
+# Bodies up to this size are read into memory here; a bigger one goes to the route, whose parser
+# spools it to an anonymous temporary file past the same size (Starlette's default).
+MAX_BYTES = 1024 * 1024
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+def split_multipart(body: bytes, boundary: bytes) -> list[tuple[str, bytes]] | None:
+    """(filename, data) of every part, when every part is a file in the field `file`; else None.
+
+    Strict on purpose: the standard layout (CRLF line ends, no preamble or epilogue beyond
+    whitespace), since whatever it declines the route parses with the general parser.
+    """
+    delimiter = b"--" + boundary
+    if not body.startswith(delimiter + b"\r\n"):
+        return None
+    end = body.rfind(b"\r\n" + delimiter + b"--")
+    if end < 0 or body[end + len(delimiter) + 4 :].strip():
+        return None
+    parts = []
+    for chunk in body[len(delimiter) + 2 : end].split(b"\r\n" + delimiter + b"\r\n"):
+        head, sep, data = chunk.partition(b"\r\n\r\n")
+        if not sep:
+            return None
+        disposition = None
+        for line in head.split(b"\r\n"):
+            name, colon, value = line.partition(b":")
+            if not colon:
+                return None
+            if name.strip().lower() == b"content-disposition":
+                disposition = value.strip()
+        if disposition is None:
+            return None
+        kind, options = parse_options_header(disposition)
+        filename = options.get(b"filename")
+        if kind != b"form-data" or options.get(b"name") != b"file" or not filename:
+            return None
+        try:
+            parts.append((filename.decode("utf-8"), data))
+        except UnicodeDecodeError:
+            return None
+    return parts
+
+
+class PredictFastPath:
+    def __init__(self, app: ASGIApp, path: str, service: ModelService, metrics: Metrics) -> None:
+        self.app = app
+        self.path = path
+        self.service = service
+        self.metrics = metrics
+
+    def _plain(self, scope: Scope) -> tuple[bytes, int | None] | None:
+        """(boundary, top_k) when the headers and query allow the fast path, else None."""
+        query = scope.get("query_string", b"")
+        top_k = None
+        if query:
+            match = _TOP_K.fullmatch(query)
+            if match is None or not 1 <= int(match[1]) <= MAX_TOP_K or match[1].startswith(b"0"):
+                return None
+            top_k = int(match[1])
+        content_type = length = None
+        for name, value in scope["headers"]:
+            if name == b"content-type":
+                if content_type is not None:
+                    return None
+                content_type = value
+            elif name == b"content-length":
+                length = value
+        if content_type is None or length is None or not length.isdigit() or int(length) > MAX_BYTES:
+            return None
+        kind, options = parse_options_header(content_type)
+        boundary = options.get(b"boundary")
+        if kind != b"multipart/form-data" or not boundary:
+            return None
+        return boundary, top_k
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        plain = None
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == self.path:
+            plain = self._plain(scope)
+        if plain is None:
+            await self.app(scope, receive, send)
+            return
+        boundary, top_k = plain
+
+        chunks = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        parts = split_multipart(body, boundary)
+        if not parts:
+            await self.app(scope, _replay(body, receive), send)
+            return
+
+        uploads = [Upload(name, io.BytesIO(data), len(data)) for name, data in parts]
+        arrival = scope.get("state", {}).get("arrival")
+        try:
+            answer = await self.service.predict(uploads, top_k or self.service.settings.top_k, arrival)
+        except ApiError as error:
+            self.metrics.rejected.labels(error.code).inc()
+            await error_response(error)(scope, receive, send)
+            return
+        payload = answer.model_dump_json().encode()
+        headers = [*_JSON_HEADERS, (b"content-length", str(len(payload)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that hands over the already read body first, then the connection's own events."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay

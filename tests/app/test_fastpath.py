@@ -1,0 +1,126 @@
+"""The /predict fast path answers exactly as the FastAPI route does, and hands it everything else.
+
+Each case is posted to two services on the same weights, one with the fast path (the default)
+and one without (CIFAR10_FAST_PATH=false), and the answers are compared.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from app.fastpath import split_multipart
+
+from .images import jpeg_bytes, png_bytes
+
+
+@pytest.fixture(scope="module")
+def both(serve):
+    with serve(workers=2) as fast, serve(workers=2, fast_path=False) as route:
+        yield fast, route
+
+
+def without_timing(answer: dict) -> dict:
+    return {k: v for k, v in answer.items() if k != "timing"}
+
+
+def test_the_setting_turns_the_fast_path_off(both):
+    fast, route = both
+    assert fast.app.state.settings.fast_path and not route.app.state.settings.fast_path
+
+
+@pytest.mark.parametrize(
+    "files, query",
+    [
+        ([("file", ("a.png", png_bytes(1), "image/png"))], ""),
+        ([("file", ("a.jpg", jpeg_bytes(2), "image/jpeg"))], "?top_k=5"),
+        (
+            [
+                ("file", ("été 1.png", png_bytes(3), "image/png")),
+                ("file", ("b.jpg", jpeg_bytes(4), "image/jpeg")),
+                ("file", ("c.png", png_bytes(5), "application/octet-stream")),
+            ],
+            "?top_k=10",
+        ),
+    ],
+    ids=["one-png", "jpeg-top5", "three-files-unicode-name"],
+)
+def test_plain_requests_get_the_routes_answer(both, files, query):
+    fast, route = both
+    a, b = fast.post(f"/predict{query}", files=files), route.post(f"/predict{query}", files=files)
+    assert a.status_code == b.status_code == 200
+    assert a.headers["content-type"] == b.headers["content-type"] == "application/json"
+    assert without_timing(a.json()) == without_timing(b.json())
+    assert set(a.json()["timing"]) == set(b.json()["timing"])
+
+
+def raw_body(parts: list[tuple[bytes, bytes]], boundary: bytes = b"xyz", preamble: bytes = b"") -> bytes:
+    out = [preamble]
+    for headers, data in parts:
+        out += [b"--" + boundary + b"\r\n", headers, b"\r\n\r\n", data, b"\r\n"]
+    out.append(b"--" + boundary + b"--\r\n")
+    return b"".join(out)
+
+
+IMAGE = png_bytes(6)
+FILE_PART = (b'Content-Disposition: form-data; name="file"; filename="x.png"', IMAGE)
+
+DECLINED = {
+    "misnamed-field": ([(b'Content-Disposition: form-data; name="image"; filename="x.png"', IMAGE)], ""),
+    "no-filename": ([(b'Content-Disposition: form-data; name="file"', IMAGE)], ""),
+    "extra-text-field": ([FILE_PART, (b'Content-Disposition: form-data; name="note"', b"hi")], ""),  # 200
+    "top-k-zero": ([FILE_PART], "?top_k=0"),
+    "top-k-eleven": ([FILE_PART], "?top_k=11"),
+    "top-k-word": ([FILE_PART], "?top_k=three"),
+    "unknown-query": ([FILE_PART], "?top_k=2&debug=1"),  # 200
+    "empty-file": ([(b'Content-Disposition: form-data; name="file"; filename="e.png"', b"")], ""),
+    "text-file": ([(b'Content-Disposition: form-data; name="file"; filename="t.txt"', b"hello")], ""),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DECLINED))
+def test_other_requests_get_the_routes_answer_too(both, case):
+    parts, query = DECLINED[case]
+    body = raw_body(parts)
+    headers = {"content-type": "multipart/form-data; boundary=xyz"}
+    fast, route = both
+    a = fast.post(f"/predict{query}", content=body, headers=headers)
+    b = route.post(f"/predict{query}", content=body, headers=headers)
+    assert a.status_code == b.status_code  # 4xx, or 200 where the route ignores the extra
+    assert without_timing(a.json()) == without_timing(b.json())
+
+
+def test_a_request_it_answers_is_counted_under_the_route(both):
+    fast, _ = both
+    before = fast.get("/metrics").text.count('route="/predict"')
+    assert fast.post("/predict", files=[("file", ("a.png", png_bytes(1)))]).status_code == 200
+    metrics = fast.get("/metrics").text
+    assert 'cifar10_http_requests_total{method="POST",route="/predict",status="200"}' in metrics
+    assert metrics.count('route="/predict"') >= before
+
+
+def encoded_by_httpx(files) -> tuple[bytes, bytes]:
+    request = httpx.Request("POST", "http://x/predict", files=files)
+    boundary = request.headers["content-type"].split("boundary=")[1].encode()
+    return request.read(), boundary
+
+
+def test_split_multipart_reads_what_clients_send():
+    data = b"\r\n--not-the-boundary\r\n" + IMAGE  # CRLF and dashes inside the data are data
+    body, boundary = encoded_by_httpx([("file", ("a.png", data)), ("file", ("ü.png", IMAGE))])
+    assert split_multipart(body, boundary) == [("a.png", data), ("ü.png", IMAGE)]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        raw_body([FILE_PART], preamble=b"preamble\r\n"),
+        raw_body([FILE_PART])[:-4],  # no closing delimiter
+        raw_body([(b"Content-Type: image/png", IMAGE)]),  # no Content-Disposition
+        raw_body([(b'Content-Disposition: attachment; name="file"; filename="x.png"', IMAGE)]),
+        raw_body([FILE_PART]) + b"trailing junk",
+    ],
+    ids=["preamble", "unterminated", "no-disposition", "not-form-data", "epilogue"],
+)
+def test_split_multipart_declines_anything_unusual(body):
+    assert split_multipart(body, b"xyz") is None
