@@ -79,3 +79,12 @@ def test_made_up_paths_share_one_label(client):
     text = client.get("/metrics").text
     assert value(text, "cifar10_http_requests_total", route="unmatched", method="GET", status="404") >= 3
     assert 'route="/a"' not in text
+
+
+def test_requests_refused_before_routing_are_labelled_with_their_route(serve):
+    with serve(max_body_bytes=2048) as client:
+        big = client.post("/predict", files=[("file", ("big.png", png_bytes(0, size=(64, 64)) * 20))])
+        text = client.get("/metrics").text
+    assert big.status_code == 413
+    assert value(text, "cifar10_http_requests_total", route="/predict", method="POST", status="413") == 1
+    assert value(text, "cifar10_http_requests_total", route="unmatched", method="POST", status="413") == 0
