@@ -5,14 +5,16 @@
 Measures, in one run on this machine:
 1. the bare model (no HTTP) on the same images: batch-32 throughput with N workers x 1 torch
    thread and with 1 worker x N threads, and the batch-1 forward time;
-2. for each mode (batching on, batching off): `uvicorn app.main:app` started as a subprocess on
-   127.0.0.1 and a free port, driven by --clients concurrent clients that each post one real
+2. for each mode (batching on; batching off; batching on with the /predict fast path off, so
+   every request goes through the FastAPI route): `uvicorn app.main:app` started as a subprocess
+   on 127.0.0.1 and a free port, driven by --clients concurrent clients that each post one real
    CIFAR-10 test JPEG per request (multipart, field `file`), back to back over keep-alive
    connections, for --duration seconds after --warmup seconds; then one client alone, for the
    single-request latency.
 
-It prints images/s, p50/p99 latency and the ratio against the best bare batch-32 throughput as a
-markdown table. The load generator shares the machine's cores with the server, as wrk does when
+It prints images/s, p50/p99 latency and the ratios against the best bare batch-32 throughput and
+against the bare model on one worker with all cores (PyTorch's default threading) as a markdown
+table. The load generator shares the machine's cores with the server, as wrk does when
 run on the same host: `--client raw` (the default) is a minimal asyncio HTTP/1.1 client that
 leaves the server most of the CPU, like wrk; `--client httpx` uses httpx.AsyncClient, several
 times heavier per request, which lowers every server figure on a small machine. On a busy
@@ -76,7 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=32, help="CIFAR10_MAX_BATCH_SIZE for the server")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="CIFAR10_MAX_WAIT_MS for the server")
     p.add_argument("--workers", type=int, default=0, help="CIFAR10_WORKERS (0: one per core)")
-    p.add_argument("--modes", default="on,off", help="batching modes to run, comma-separated: on, off")
+    p.add_argument(
+        "--modes",
+        default="on,off,route",
+        help="server modes to run, comma-separated: on (batching), off (no batching), route (batching, "
+        "with every request through the FastAPI route: CIFAR10_FAST_PATH=false)",
+    )
     p.add_argument(
         "--client",
         choices=("raw", "httpx"),
@@ -172,12 +179,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args, weights: Path, batching: bool, port: int) -> subprocess.Popen:
+MODES = {  # mode -> (batching, fast path)
+    "on": (True, True),
+    "off": (False, True),
+    "route": (True, False),
+}
+
+
+def start_server(args, weights: Path, mode: str, port: int) -> subprocess.Popen:
+    batching, fast_path = MODES[mode]
     env = {
         **os.environ,
         "CIFAR10_WEIGHTS": str(weights),
         "CIFAR10_DEVICE": "cpu",
         "CIFAR10_BATCHING": "true" if batching else "false",
+        "CIFAR10_FAST_PATH": "true" if fast_path else "false",
         "CIFAR10_MAX_BATCH_SIZE": str(args.max_batch_size),
         "CIFAR10_MAX_WAIT_MS": str(args.max_wait_ms),
         "CIFAR10_WORKERS": str(args.workers),
@@ -388,10 +404,14 @@ def main(argv: list[str] | None = None) -> int:
 
         loaded: dict[str, LoadResult] = {}
         single: dict[str, LoadResult] = {}
-        for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
+        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+        unknown = sorted(set(modes) - set(MODES))
+        if unknown:
+            raise SystemExit(f"error: unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
+        for mode in modes:
             port = free_port()
             base = f"http://127.0.0.1:{port}"
-            proc = start_server(args, weights, mode == "on", port)
+            proc = start_server(args, weights, mode, port)
             try:
                 wait_ready(proc, base, args.startup_timeout)
                 loaded[mode] = asyncio.run(
@@ -402,24 +422,32 @@ def main(argv: list[str] | None = None) -> int:
                 stop_server(proc)
             for r, clients in ((loaded[mode], args.clients), (single[mode], 1)):
                 note = f"{r.mean_batch:.1f}" + (f" ({r.errors} errors)" if r.errors else "")
-                rows.append(
-                    (f"server, batching {mode}", str(clients), r.images_per_s, r.p50_ms, r.p99_ms, note)
-                )
+                name = "server, batching on, FastAPI route" if mode == "route" else f"server, batching {mode}"
+                rows.append((name, str(clients), r.images_per_s, r.p50_ms, r.p99_ms, note))
 
     print(
         f"\n{args.client} client; ratios against the best bare batch-{b} throughput "
         f"({best_bare:,.0f} images/s)\n"
     )
-    print(f"| configuration | clients | images/s | p50 ms | p99 ms | / bare batch-{b} | mean batch |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(
+        f"| configuration | clients | images/s | p50 ms | p99 ms | / bare batch-{b} | "
+        f"/ bare 1 x {cores} threads | mean batch |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, clients, ips, p50, p99, batch in rows:
         print(
-            f"| {name} | {clients} | {ips:,.0f} | {_ms(p50)} | {_ms(p99)} | {ips / best_bare:.2f} | {batch} |"
+            f"| {name} | {clients} | {ips:,.0f} | {_ms(p50)} | {_ms(p99)} | {ips / best_bare:.2f} | "
+            f"{ips / bare_1:.2f} | {batch} |"
         )
     print()
     if "on" in loaded:
         ratio = loaded["on"].images_per_s / best_bare
-        print(f"batching on, {args.clients} clients / bare batch-{b}: {ratio:.2f} (aim >= 0.75)")
+        print(f"batching on, {args.clients} clients / best bare batch-{b}: {ratio:.2f} (aim >= 0.75)")
+        ratio = loaded["on"].images_per_s / bare_1
+        print(f"batching on, {args.clients} clients / bare batch-{b} on 1 x {cores} threads: {ratio:.2f}")
+    if "on" in loaded and "route" in loaded and loaded["route"].images_per_s:
+        ratio = loaded["on"].images_per_s / loaded["route"].images_per_s
+        print(f"fast path / FastAPI route, batching on, {args.clients} clients: {ratio:.2f}x")
     if "on" in loaded and "off" in loaded and loaded["off"].images_per_s:
         ratio = loaded["on"].images_per_s / loaded["off"].images_per_s
         print(f"batching on / off, {args.clients} clients: {ratio:.2f}x (aim >= 1.8x)")
