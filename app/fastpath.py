@@ -42,8 +42,9 @@ def split_multipart(body: bytes, boundary: bytes) -> list[tuple[str, bytes]] | N
     delimiter = b"--" + boundary
     if not body.startswith(delimiter + b"\r\n"):
         return None
-    end = body.rfind(b"\r\n" + delimiter + b"--")
-    if end < 0 or body[end + len(delimiter) + 4 :].strip():
+    closing = b"\r\n" + delimiter + b"--"
+    end = body.find(closing)
+    if end < 0 or body[end + len(closing) :].strip():  # also declines a second closing delimiter
         return None
     parts = []
     for chunk in body[len(delimiter) + 2 : end].split(b"\r\n" + delimiter + b"\r\n"):

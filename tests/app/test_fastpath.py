@@ -119,8 +119,9 @@ def test_split_multipart_reads_what_clients_send():
         raw_body([(b"Content-Type: image/png", IMAGE)]),  # no Content-Disposition
         raw_body([(b'Content-Disposition: attachment; name="file"; filename="x.png"', IMAGE)]),
         raw_body([FILE_PART]) + b"trailing junk",
+        raw_body([(FILE_PART[0], IMAGE + b"\r\n--xyz--\r\n" + IMAGE)]),  # a closing delimiter in the data
     ],
-    ids=["preamble", "unterminated", "no-disposition", "not-form-data", "epilogue"],
+    ids=["preamble", "unterminated", "no-disposition", "not-form-data", "epilogue", "two-closings"],
 )
 def test_split_multipart_declines_anything_unusual(body):
     assert split_multipart(body, b"xyz") is None
