@@ -126,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
     # `is`, not `in (None, False)`: 0 == False, and --dropout 0 or --cutout 0 must count
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-             if getattr(args, f.name) is not None and getattr(args, f.name) is not False}
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    given = {name: v for name, v in values.items() if v is not None and v is not False}
     if given.get("dry_run"):
         given = {"epochs": 1, "limit": 512, "val_size": 64, "batch_size": 64,
                  "out": "runs/dry-run", **given}
