@@ -43,7 +43,7 @@ from app.device import DEVICE_CHOICES, autocast_dtype, resolve_device
 from app.model import FinalModel
 from app.preprocess import normalize
 from training.augment import augment
-from training.data import DataError, limit_split, load_cifar10, split_validation
+from training.data import DataError, Split, limit_split, load_cifar10, split_validation
 from training.evaluate import predict, summarize, write_report
 
 log = logging.getLogger("training")
@@ -200,16 +200,19 @@ def train_one_epoch(model, optimizer, scheduler, train, cfg: TrainConfig, epoch:
 
     device, rank, world = ctx["device"], ctx["rank"], ctx["world"]
     per_rank = cfg.batch_size // world
-    order = epoch_order(len(train), cfg.seed, epoch)
+    order = epoch_order(len(train), cfg.seed, epoch).to(train.images.device)
     batches = len(train) // cfg.batch_size  # drop the ragged tail: every step sees a full batch
     g = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + epoch * 1009 + rank)
     torch.manual_seed(cfg.seed * 7919 + epoch * 31 + rank + start_batch)  # dropout
-    loss_sum, correct, seen = sums
+    # The sums stay on the device: reading them each step would make every step wait for the GPU.
+    loss_sum = torch.tensor(sums[0], dtype=torch.float32, device=device)  # MPS has no float64
+    correct = torch.tensor(int(sums[1]), dtype=torch.int64, device=device)
+    seen = sums[2]
     model.train()
     started, images = time.perf_counter(), 0
+    show = rank == 0 and progress and sys.stderr.isatty()
     bar = tqdm(range(start_batch, batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-               disable=rank != 0 or not progress or not sys.stderr.isatty(), leave=False,
-               dynamic_ncols=True)
+               disable=not show, leave=False, dynamic_ncols=True)
     done = start_batch
     for b in bar:
         if stop():
@@ -227,15 +230,15 @@ def train_one_epoch(model, optimizer, scheduler, train, cfg: TrainConfig, epoch:
         loss.backward()
         optimizer.step()
         scheduler.step()
-        loss_sum += loss.item() * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
         seen += len(y)
         images += len(y) * world
         done = b + 1
-        if rank == 0 and (b % 10 == 0):
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        if show and b % 10 == 0:
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}")
     bar.close()
-    return {"loss_sum": loss_sum, "correct": correct, "seen": seen, "batches_done": done,
+    return {"loss_sum": loss_sum.item(), "correct": correct.item(), "seen": seen, "batches_done": done,
             "batches": batches, "seconds": time.perf_counter() - started, "images": images}
 
 
@@ -254,6 +257,8 @@ def evaluate_split(model, split, ctx: dict, batch_size: int = 1000) -> dict:
 
 
 def code_version() -> str:
+    """The git commit (with -dirty for uncommitted changes), else $CIFAR10_CODE_VERSION (a copy of
+    the tree without .git, such as a lent GPU machine's), else the installed package version."""
     try:
         root = Path(__file__).resolve().parent.parent
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
@@ -262,6 +267,8 @@ def code_version() -> str:
                                capture_output=True, text=True, timeout=5).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
+        if os.environ.get("CIFAR10_CODE_VERSION"):
+            return os.environ["CIFAR10_CODE_VERSION"]
         from importlib.metadata import PackageNotFoundError, version
 
         try:
@@ -336,6 +343,9 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict:
     if cfg.limit:
         train = limit_split(train, cfg.limit, cfg.seed)
         test = limit_split(test, max(cfg.limit // 5, 1), cfg.seed)
+    if device.type == "cuda":  # the whole training split fits on any GPU: no copy per step
+        train = Split(train.images.to(device), train.labels.to(device))
+        torch.backends.cudnn.benchmark = True
     if len(train) < cfg.batch_size:
         raise DataError(f"{len(train)} training images are fewer than one batch of {cfg.batch_size}")
     if rank == 0:
