@@ -121,10 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(own)
     started = time.time()
     deadline = started + args.budget
+    for recipe in args.recipe:
+        try:
+            recipe_flags(recipe)  # refuse a malformed recipe before anything runs
+        except ValueError as exc:
+            parser.error(str(exc))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for recipe in args.recipe:
-        recipe_flags(recipe)  # refuse a malformed recipe before anything runs
 
     # Decode the data once, so that the concurrent runs all find it in the cache.
     subprocess.run([sys.executable, "-m", "training", *common, "--dry-run", "--out",
@@ -137,11 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     if any(codes.values()):
         log.error("a probe run failed (%s); see its train.log", codes)
         return 1
-    per_epoch = max(json.loads((out / f"probe-{recipe_name(r)}" / "history.json").read_text())[-1]["seconds"]
+    # The last probe epoch's wall time: warmed up, with validation and checkpoint writes.
+    per_epoch = max(json.loads((out / f"probe-{recipe_name(r)}" / "history.json").read_text())[-1]["wall_s"]
                     for r in recipes)
     probe_wall = time.time() - probe_start
     overhead = max(0.0, probe_wall - per_epoch * args.probe_epochs)  # start-up, evaluation, pictures
-    per_epoch *= 1.25  # validation pass and checkpoint writes each epoch, and some slack
+    per_epoch *= 1.1  # runs sharing a device do not keep an even pace
     left = deadline - time.time() - max(args.margin, overhead)
     n, epochs = plan(per_epoch, len(recipes), left, args.min_epochs, args.max_epochs)
     log.info("probe: %.2f s/epoch with %d runs sharing the device, %.0f s of start-up and finish; "

@@ -120,18 +120,33 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["choices"] = ("auto", "on", "off")
         p.add_argument(flag, **kwargs)
     p.add_argument("--resume", action="store_true",
-                   help="continue from <out>/last.pt with its saved configuration")
+                   help="continue from <out>/last.pt with its saved recipe; only where it runs can change "
+                        "(--data, --cache-dir, --device, --amp, --channels-last, --threads)")
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
+# What --resume may change: where the data and the run live and how the hardware is used. The
+# recipe (epochs, schedule, augmentation, split...) is the saved run's own.
+RESUME_OVERRIDES = ("out", "data", "cache_dir", "device", "amp", "channels_last", "threads")
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool, dict]:
+    """(config, resume, the settings given on the command line)."""
     # `is`, not `in (None, False)`: 0 == False, and --dropout 0 or --cutout 0 must count
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     given = {name: v for name, v in values.items() if v is not None and v is not False}
+    if args.resume:
+        fixed = [name for name in given if name not in RESUME_OVERRIDES]
+        if fixed:
+            def flags(names) -> str:
+                return ", ".join("--" + name.replace("_", "-") for name in names)
+
+            raise DataError(f"--resume continues the saved run with its own recipe, so {flags(fixed)} "
+                            f"cannot change; only {flags(RESUME_OVERRIDES)} can")
     if given.get("dry_run"):
         given = {"epochs": 1, "limit": 512, "val_size": 64, "batch_size": 64,
                  "out": "runs/dry-run", **given}
-    return TrainConfig(**given), args.resume
+    return TrainConfig(**given), args.resume, given
 
 
 def init_weights(model: torch.nn.Module, cfg: TrainConfig, fingerprint: str) -> dict:
@@ -304,7 +319,9 @@ class StopFlag:
         signal.signal(signal.SIGTERM, handler)
 
 
-def run(cfg: TrainConfig, resume: bool = False) -> dict:
+def run(cfg: TrainConfig, resume: bool = False, overrides: dict | None = None) -> dict:
+    """Train; with `resume`, continue <out>/last.pt under its saved configuration, changed only
+    by `overrides` (RESUME_OVERRIDES: a run started on a GPU can finish on a CPU, say)."""
     rank, world, local_world = init_distributed(cfg.device)
     out = Path(cfg.out)
     last_path = out / "last.pt"
@@ -315,7 +332,8 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict:
         state = torch.load(last_path, map_location="cpu", weights_only=True)
         if state.get("format") != RESUME_FORMAT:
             raise DataError(f"--resume: {last_path} is not a training state written by this module")
-        cfg = TrainConfig(**{**state["config"], "out": cfg.out})
+        runtime = {k: v for k, v in (overrides or {}).items() if k in RESUME_OVERRIDES}
+        cfg = TrainConfig(**{**state["config"], "out": cfg.out, **runtime})
 
     device = resolve_device(cfg.device)
     if device.type == "cuda" and world > 1:
@@ -419,6 +437,7 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict:
                         created_at=datetime.now(UTC).isoformat(timespec="seconds"), **meta)
 
     epoch = start_epoch
+    mark = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         r = train_one_epoch(net, optimizer, scheduler, train, cfg, epoch, ctx, start_batch, sums, stop)
         elapsed += r["seconds"]
@@ -433,7 +452,10 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict:
         v = evaluate_split(model, val, ctx)
         row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                "val_loss": v["loss"], "val_acc": v["acc"], "lr": scheduler.get_last_lr()[0],
-               "images_per_s": r["images"] / r["seconds"], "seconds": r["seconds"]}
+               "images_per_s": r["images"] / r["seconds"], "seconds": r["seconds"],
+               # since the last epoch's row: training, validation and the checkpoint writes
+               "wall_s": time.perf_counter() - mark}
+        mark = time.perf_counter()
         history.append(row)
         if v["acc"] > best["val_acc"]:
             best = {"val_acc": v["acc"], "epoch": epoch + 1, "train_acc": row["train_acc"],
@@ -483,9 +505,10 @@ def finish(cfg, model, best, history, test, ctx, out: Path, save_final) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    cfg, resume = config_from_args(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
     try:
-        run(cfg, resume)
+        cfg, resume, given = config_from_args(args)
+        run(cfg, resume, given)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -90,7 +90,7 @@ def test_killed_run_resumes_where_it_stopped(tiny_data, tmp_path, sig):
     """Kill a real run after its first epoch; --resume finishes it without starting over."""
     out = tmp_path / "run"
     args = ["--data", str(tiny_data), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
-            "--epochs", "8", *TINY]
+            "--epochs", "8", *TINY, "--threads", "2"]
     proc = subprocess.Popen([sys.executable, "-m", "training", *args], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     history_file = out / "history.json"
@@ -108,13 +108,23 @@ def test_killed_run_resumes_where_it_stopped(tiny_data, tmp_path, sig):
     assert 1 <= stopped_epoch < 8
     before = json.loads(history_file.read_text())
 
-    resumed = run_training("--out", str(out), "--resume")
+    # where it runs may change on resume (a GPU run finishing on a CPU, say); the recipe may not
+    resumed = run_training("--out", str(out), "--resume", "--threads", "1")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resuming at epoch {stopped_epoch + 1}, batch {stopped_batch}" in resumed.stderr
+    assert "1 process(es), 1 thread(s) each" in resumed.stderr
     after = json.loads(history_file.read_text())
     assert [h["epoch"] for h in after] == list(range(1, 9))
     assert after[: len(before)] == before  # the finished epochs were kept, not redone
-    assert load_checkpoint(out / "final_model.pt").meta["epoch"] == 8
+    meta = load_checkpoint(out / "final_model.pt").meta
+    assert meta["epoch"] == 8 and meta["config"]["threads"] == 1 and meta["config"]["epochs"] == 8
+    assert all(h["wall_s"] >= h["seconds"] > 0 for h in after[len(before):])
+
+
+def test_resume_refuses_to_change_the_recipe(tmp_path):
+    proc = run_training("--out", str(tmp_path / "run"), "--resume", "--epochs", "30", "--lr", "0.1")
+    assert proc.returncode == 2
+    assert "--epochs, --lr cannot change" in proc.stderr and "--threads" in proc.stderr
 
 
 def test_resume_without_a_saved_run_is_refused(tmp_path):
