@@ -231,3 +231,13 @@ def test_zero_valued_flags_are_not_replaced_by_defaults(tiny_data, tmp_path):
     config = load_checkpoint(out / "final_model.pt").meta["config"]
     assert {k: config[k] for k in ("dropout", "cutout", "translate", "label_smoothing", "weight_decay")} == {
         "dropout": 0, "cutout": 0, "translate": 0, "label_smoothing": 0, "weight_decay": 0}
+
+
+def test_code_version_prefers_the_given_one(monkeypatch):
+    """A tree copied to another machine may carry a stale .git: the version given wins."""
+    from training.train import code_version
+
+    monkeypatch.setenv("CIFAR10_CODE_VERSION", "abc1234")
+    assert code_version() == "abc1234"
+    monkeypatch.delenv("CIFAR10_CODE_VERSION")
+    assert code_version() != "abc1234" and code_version()
