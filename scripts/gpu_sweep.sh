@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session's work: train five FinalModel recipes side by side within a time budget
+# One GPU session's work: train FinalModel recipes side by side within a time budget
 # (python -m training.sweep picks the epoch count after timing a probe), then evaluate the run
 # with the best validation accuracy on the full test split, end to end through the service on
 # the same device. Everything worth keeping lands in RESULTS: log.txt, summary.json and one
@@ -26,11 +26,11 @@ export CIFAR10_CODE_VERSION=${CIFAR10_CODE_VERSION:-$(git rev-parse --short HEAD
 } >"$log" 2>&1
 
 python3 -m training.sweep --out "$runs" --budget "$budget" --min-epochs 80 --max-epochs 200 \
-    --recipe dropout=0 \
-    --recipe dropout=0,cutout=0 \
-    --recipe dropout=0,label_smoothing=0 \
-    --recipe dropout=0,weight_decay=0.001 \
-    --recipe dropout=0,batch_size=512,lr=0.4 \
+    --recipe "" \
+    --recipe label_smoothing=0 \
+    --recipe cutout=4 \
+    --recipe weight_decay=0.0007 \
+    --recipe lr=0.3 \
     -- --data "$data" "$@" 2>&1 | tee -a "$log"
 sweep=${PIPESTATUS[0]}
 
