@@ -1,8 +1,7 @@
 """Train several recipes side by side on one device inside a time budget; pick by validation.
 
     python -m training.sweep --out runs/sweep --budget 480 \\
-        --recipe dropout=0 --recipe dropout=0,cutout=0 --recipe dropout=0,label_smoothing=0 \\
-        -- --data cifar10-jpeg.tar.gz
+        --recipe "" --recipe label_smoothing=0 --recipe cutout=4 -- --data cifar10-jpeg.tar.gz
 
 Made for a lent GPU, where one small model leaves the card mostly idle: each recipe is its own
 `python -m training` process. A short probe (every recipe for --probe-epochs, concurrently) times
@@ -26,6 +25,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from app.checkpoint import load_checkpoint
 
 log = logging.getLogger("training.sweep")
 
@@ -84,15 +85,13 @@ def plan(seconds_per_epoch: float, probed: int, left: float, min_epochs: int,
 
 
 def summarize(out: Path, names: list[str]) -> list[dict]:
-    import torch
-
     rows = []
     for name in names:
         path = out / name / "final_model.pt"
         if not path.is_file():
             rows.append({"name": name, "finished": False})
             continue
-        meta = torch.load(path, map_location="cpu", weights_only=True)
+        meta = load_checkpoint(path).meta
         m = meta.get("metrics", {})
         rows.append({"name": name, "finished": bool(meta.get("complete")) and "test_acc" in m,
                      "epochs": meta.get("epoch"), "best_epoch": m.get("best_epoch"),
@@ -105,8 +104,8 @@ def summarize(out: Path, names: list[str]) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     argv = sys.argv[1:] if argv is None else argv
-    common = argv[argv.index("--") + 1 :] if "--" in argv else []
-    own = argv[: argv.index("--")] if "--" in argv else argv
+    split = argv.index("--") if "--" in argv else len(argv)
+    own, common = argv[:split], argv[split + 1 :]  # the sweep's flags -- every run's flags
     parser = argparse.ArgumentParser(prog="python -m training.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/sweep")
