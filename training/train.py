@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import platform
+import random
 import signal
 import subprocess
 import sys
@@ -37,6 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from app.checkpoint import CheckpointError, atomic_torch_save, build_model, load_checkpoint, save_checkpoint
 from app.device import DEVICE_CHOICES, autocast_dtype, resolve_device
@@ -75,6 +77,11 @@ class TrainConfig:
     threads: int = 0  # per process; 0: cores / local processes
     dry_run: bool = False
     init: str = ""  # start from this checkpoint's weights (a second cycle); "" starts from scratch
+    teacher: str = ""  # distil from this training.teacher checkpoint; "" trains on the labels alone
+    kd_weight: float = 0.9  # share of the distillation term in the loss (the rest: cross-entropy)
+    kd_temperature: float = 4.0
+    ema: float = 0.0  # decay of a per-step weight average (0: off); the average is what is evaluated
+    mixup: float = 0.0  # alpha of mixup's Beta(alpha, alpha); 0: off
 
 
 FLAG_HELP = {
@@ -101,6 +108,15 @@ FLAG_HELP = {
     "dry_run": "tiny data, one epoch, out=runs/dry-run unless --out is given: the pipeline in seconds",
     "init": "start from the weights of this final_model.pt (a further OneCycle on a finished run); "
             "it must come from the same data, validation split and seed",
+    "teacher": "distil from this teacher.pt (python -m training.teacher): teacher and student see the same "
+               "augmented batch; it must have been trained on this data, validation split and seed",
+    "kd_weight": "weight of the distillation term (KL divergence at --kd-temperature, times T^2); "
+                 "the cross-entropy on the labels gets 1 - kd_weight",
+    "kd_temperature": "softmax temperature of the distillation term",
+    "ema": "decay per step of an exponential moving average of the weights (e.g. 0.999); the average is "
+           "evaluated on validation every epoch and is what is saved; 0 turns it off",
+    "mixup": "mixup alpha: each batch is blended with a shuffled copy, weight ~ Beta(alpha, alpha); "
+             "0 turns it off",
 }
 
 
@@ -121,13 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(flag, **kwargs)
     p.add_argument("--resume", action="store_true",
                    help="continue from <out>/last.pt with its saved recipe; only where it runs can change "
-                        "(--data, --cache-dir, --device, --amp, --channels-last, --threads)")
+                        "(--data, --cache-dir, --device, --amp, --channels-last, --threads, and --teacher's "
+                        "path, to the same file)")
     return p
 
 
 # What --resume may change: where the data and the run live and how the hardware is used. The
 # recipe (epochs, schedule, augmentation, split...) is the saved run's own.
-RESUME_OVERRIDES = ("out", "data", "cache_dir", "device", "amp", "channels_last", "threads")
+RESUME_OVERRIDES = ("out", "data", "cache_dir", "device", "amp", "channels_last", "threads", "teacher")
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool, dict]:
@@ -172,6 +189,23 @@ def init_weights(model: torch.nn.Module, cfg: TrainConfig, fingerprint: str) -> 
             "epochs": int(ckpt.meta.get("total_epochs", ckpt.meta.get("epoch", 0))),
             "metrics": {k: v for k, v in ckpt.meta.get("metrics", {}).items()
                         if k in ("val_acc", "test_acc")}}
+
+
+def load_teacher_for(cfg: TrainConfig, fingerprint: str) -> tuple[torch.nn.Module, dict]:
+    """The --teacher network and what the checkpoint records of it; refuses a teacher that saw
+    this run's validation images (other data, validation size, seed or limit)."""
+    from training.teacher import load_teacher  # training.teacher imports this module
+
+    teacher, meta = load_teacher(cfg.teacher)
+    if meta.get("data_fingerprint") != fingerprint:
+        raise DataError(f"--teacher: {cfg.teacher} was not trained on this data (its fingerprint differs)")
+    for key in ("seed", "val_size", "limit"):
+        if meta.get(key) != getattr(cfg, key):
+            raise DataError(f"--teacher: {cfg.teacher} used --{key.replace('_', '-')} {meta.get(key)}, "
+                            f"this run {getattr(cfg, key)}; it must not have trained on this run's "
+                            "validation images")
+    return teacher, {"path": Path(cfg.teacher).name, "sha256": meta["sha256"],
+                     "widths": list(meta["widths"]), "val_acc": meta["metrics"]["val_acc"]}
 
 
 # ---------------------------------------------------------------- distributed helpers
@@ -236,15 +270,27 @@ def train_one_epoch(model, optimizer, scheduler, train, cfg: TrainConfig, epoch:
         x = normalize(train.images[idx].to(device, non_blocking=True))
         y = train.labels[idx].to(device, non_blocking=True)
         x = augment(x, cfg.translate, cfg.cutout, g)
+        mix = None
+        if cfg.mixup > 0:
+            lam = random.Random(f"{cfg.seed}/{epoch}/{b}/{rank}").betavariate(cfg.mixup, cfg.mixup)
+            pair = torch.randperm(len(y), generator=g, device=g.device).to(x.device)
+            x, mix = lam * x + (1 - lam) * x[pair], (lam, y[pair])
         if ctx["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
         with ctx["autocast"]():
+            # the teacher sees exactly the student's augmented (and mixed) batch: "consistent" KD
+            target = None
+            if ctx["teacher"] is not None:
+                with torch.no_grad():
+                    target = ctx["teacher"](x).float()
             logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            loss = training_loss(logits.float(), y, cfg, target, mix)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if ctx["ema"] is not None:
+            ctx["ema"].update_parameters(model.module if world > 1 else model)
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
@@ -255,6 +301,23 @@ def train_one_epoch(model, optimizer, scheduler, train, cfg: TrainConfig, epoch:
     bar.close()
     return {"loss_sum": loss_sum.item(), "correct": correct.item(), "seen": seen, "batches_done": done,
             "batches": batches, "seconds": time.perf_counter() - started, "images": images}
+
+
+def training_loss(logits: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
+                  teacher_logits: torch.Tensor | None = None,
+                  mix: tuple[float, torch.Tensor] | None = None) -> torch.Tensor:
+    """Label-smoothed cross-entropy (for mixup, blended over the pair of labels), and with a teacher
+    (1 - w) * that + w * T^2 * KL(teacher || student) at temperature T (Hinton et al. 2015)."""
+    ce = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+    if mix is not None:
+        lam, y_pair = mix
+        ce = lam * ce + (1 - lam) * F.cross_entropy(logits, y_pair, label_smoothing=cfg.label_smoothing)
+    if teacher_logits is None:
+        return ce
+    t = cfg.kd_temperature
+    kd = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
+                  reduction="batchmean", log_target=True) * t * t
+    return (1 - cfg.kd_weight) * ce + cfg.kd_weight * kd
 
 
 def evaluate_split(model, split, ctx: dict, batch_size: int = 1000) -> dict:
@@ -352,7 +415,7 @@ def run(cfg: TrainConfig, resume: bool = False, overrides: dict | None = None) -
         cfg.channels_last == "auto" and device.type in ("cpu", "cuda"))
     ctx = {
         "device": device, "rank": rank, "world": world, "amp": amp_dtype is not None,
-        "channels_last": channels_last,
+        "channels_last": channels_last, "teacher": None, "ema": None,
         "autocast": (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext,
     }
 
@@ -384,6 +447,19 @@ def run(cfg: TrainConfig, resume: bool = False, overrides: dict | None = None) -
         optimizer, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
         pct_start=cfg.pct_start)
 
+    teacher_info = None
+    if cfg.teacher:
+        teacher, teacher_info = load_teacher_for(cfg, data.fingerprint)
+        if state is not None and state.get("teacher", {}).get("sha256") != teacher_info["sha256"]:
+            raise DataError(f"--resume: {cfg.teacher} is not the teacher the run started with "
+                            "(its sha256 differs)")
+        ctx["teacher"] = teacher.to(device, memory_format=torch.channels_last).requires_grad_(False)
+        if rank == 0:
+            log.info("distilling from %s (sha256 %s, validation %.2f%%), weight %.2f, temperature %.1f",
+                     cfg.teacher, teacher_info["sha256"][:12], 100 * teacher_info["val_acc"], cfg.kd_weight,
+                     cfg.kd_temperature)
+    if cfg.ema:
+        ctx["ema"] = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
     init_info = None
     if cfg.init and state is None:
         init_info = init_weights(model, cfg, data.fingerprint)
@@ -401,6 +477,8 @@ def run(cfg: TrainConfig, resume: bool = False, overrides: dict | None = None) -
         start_epoch, start_batch = state["epoch"], state["batch"]
         sums, elapsed = tuple(state["sums"]), state["elapsed"]
         init_info = state.get("init")
+        if ctx["ema"] is not None:
+            ctx["ema"].load_state_dict(state["ema"])
         if data.fingerprint != state["data_fingerprint"]:
             raise DataError("--resume: the data differs from the data the run started on")
         if rank == 0:
@@ -415,6 +493,8 @@ def run(cfg: TrainConfig, resume: bool = False, overrides: dict | None = None) -
             "total_epochs": cfg.epochs + (init_info["epochs"] if init_info else 0)}
     if init_info:
         meta["init"] = init_info
+    if teacher_info:
+        meta["teacher"] = teacher_info
 
     def save_state(epoch: int, batch: int, sums_now) -> None:
         if rank != 0:
@@ -424,7 +504,8 @@ def run(cfg: TrainConfig, resume: bool = False, overrides: dict | None = None) -
             "batch": batch, "sums": list(sums_now), "elapsed": elapsed,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "history": history, "best": best,
-            "data_fingerprint": data.fingerprint, "init": init_info,
+            "data_fingerprint": data.fingerprint, "init": init_info, "teacher": teacher_info or {},
+            "ema": ctx["ema"].state_dict() if ctx["ema"] is not None else {},
             "saved_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }, last_path)
 
@@ -450,17 +531,21 @@ def run(cfg: TrainConfig, resume: bool = False, overrides: dict | None = None) -
             raise KeyboardInterrupt
         start_batch, sums = 0, (0.0, 0.0, 0.0)
         loss_sum, correct, seen = all_sum([r["loss_sum"], r["correct"], r["seen"]], device)
-        v = evaluate_split(model, val, ctx)
+        # with --ema the average is the model: it is validated, chosen and saved
+        evaluated = ctx["ema"].module if ctx["ema"] is not None else model
+        v = evaluate_split(evaluated, val, ctx)
         row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                "val_loss": v["loss"], "val_acc": v["acc"], "lr": scheduler.get_last_lr()[0],
                "images_per_s": r["images"] / r["seconds"], "seconds": r["seconds"],
                # since the last epoch's row: training, validation and the checkpoint writes
                "wall_s": time.perf_counter() - mark}
+        if ctx["ema"] is not None:
+            row["val_acc_raw"] = evaluate_split(model, val, ctx)["acc"]
         mark = time.perf_counter()
         history.append(row)
         if v["acc"] > best["val_acc"]:
             best = {"val_acc": v["acc"], "epoch": epoch + 1, "train_acc": row["train_acc"],
-                    "state_dict": {k: t.detach().cpu().clone() for k, t in model.state_dict().items()}}
+                    "state_dict": {k: t.detach().cpu().clone() for k, t in evaluated.state_dict().items()}}
         save_state(epoch + 1, 0, (0.0, 0.0, 0.0))
         if rank == 0:
             log.info("epoch %d/%d  loss %.4f  train %.2f%%  val %.2f%%  lr %.4f  %.0f img/s  %.0fs",

@@ -1,0 +1,153 @@
+"""The teacher and distillation into FinalModel: real subprocesses on tiny data, and the loss itself."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from app.checkpoint import load_checkpoint
+from app.model import CLASSES
+from training.teacher import TeacherNet, load_teacher
+from training.train import TrainConfig, training_loss
+
+from .conftest import REPO
+
+TINY = ["--val-size", "20", "--batch-size", "20"]
+TINY_TEACHER = [*TINY, "--widths", "8,16,16,16", "--lr", "0.05"]
+
+
+def run_module(module: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_data, tmp_path_factory):
+    """A tiny teacher trained for two epochs on the tiny data's training split."""
+    tmp = tmp_path_factory.mktemp("teacher")
+    proc = run_module("training.teacher", "--data", str(tiny_data), "--cache-dir", str(tmp / "cache"),
+                      "--out", str(tmp / "run"), "--epochs", "2", "--test", *TINY_TEACHER)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return tmp / "run" / "teacher.pt"
+
+
+def test_teacher_writes_a_weights_only_checkpoint_with_its_split(teacher):
+    blob = torch.load(teacher, weights_only=True)  # no pickled objects
+    assert blob["val_size"] == 20 and blob["seed"] == 0 and blob["widths"] == [8, 16, 16, 16]
+    assert set(blob["metrics"]) >= {"val_acc", "val_acc_tta", "test_acc"} and len(blob["data_fingerprint"]) == 64
+    model, meta = load_teacher(teacher)
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, len(CLASSES))
+    assert len(meta["sha256"]) == 64
+    history = json.loads((teacher.parent / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+
+
+def test_default_teacher_is_about_two_million_parameters():
+    assert 1_900_000 < sum(p.numel() for p in TeacherNet().parameters()) < 2_100_000
+
+
+def test_distilled_run_records_teacher_ema_and_mixup(teacher, tiny_data, tmp_path):
+    out = tmp_path / "student"
+    proc = run_module("training", "--data", str(tiny_data), "--cache-dir", str(tmp_path / "cache"),
+                      "--out", str(out), "--epochs", "2", *TINY, "--lr", "0.05", "--teacher", str(teacher),
+                      "--kd-weight", "0.7", "--kd-temperature", "3", "--ema", "0.9", "--mixup", "0.2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "distilling from" in proc.stderr
+    meta = load_checkpoint(out / "final_model.pt").meta
+    _, teacher_meta = load_teacher(teacher)
+    assert meta["teacher"]["sha256"] == teacher_meta["sha256"]
+    assert meta["teacher"]["val_acc"] == teacher_meta["metrics"]["val_acc"]
+    cfg = meta["config"]
+    assert (cfg["teacher"], cfg["kd_weight"], cfg["kd_temperature"], cfg["ema"], cfg["mixup"]) == (
+        str(teacher), 0.7, 3.0, 0.9, 0.2)
+    history = json.loads((out / "history.json").read_text())
+    assert all("val_acc_raw" in h for h in history)  # the average and the raw weights, both validated
+
+
+def test_a_teacher_that_saw_the_validation_images_is_refused(teacher, tiny_data, tmp_path):
+    proc = run_module("training", "--data", str(tiny_data), "--cache-dir", str(tmp_path / "cache"),
+                      "--out", str(tmp_path / "s"), "--epochs", "2", "--val-size", "30", "--batch-size", "20",
+                      "--teacher", str(teacher))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --teacher: {teacher} used --val-size 20")
+
+
+def test_a_file_that_is_not_a_teacher_is_refused(tiny_data, tmp_path, checkpoint_path):
+    proc = run_module("training", "--data", str(tiny_data), "--cache-dir", str(tmp_path / "cache"),
+                      "--out", str(tmp_path / "s"), "--epochs", "2", *TINY, "--teacher", str(checkpoint_path))
+    assert proc.returncode == 2
+    assert "is not a checkpoint written by python -m training.teacher" in proc.stderr
+
+
+def test_killed_distilled_run_resumes_only_with_the_same_teacher(teacher, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    args = ["--data", str(tiny_data), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+            "--epochs", "6", *TINY, "--lr", "0.05", "--teacher", str(teacher), "--ema", "0.9"]
+    proc = subprocess.Popen([sys.executable, "-m", "training", *args], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not (out / "history.json").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["ema"] and state["teacher"]["sha256"]
+
+    other = tmp_path / "other.pt"
+    blob = torch.load(teacher, weights_only=True)
+    blob["state_dict"] = {k: v + 1 if v.is_floating_point() else v for k, v in blob["state_dict"].items()}
+    torch.save(blob, other)
+    refused = run_module("training", "--out", str(out), "--resume", "--teacher", str(other))
+    assert refused.returncode == 2 and "is not the teacher the run started with" in refused.stderr
+
+    resumed = run_module("training", "--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [h["epoch"] for h in json.loads((out / "history.json").read_text())] == list(range(1, 7))
+
+
+def test_killed_teacher_resumes_where_it_stopped(tiny_data, tmp_path):
+    out = tmp_path / "teacher"
+    args = ["--data", str(tiny_data), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+            "--epochs", "6", *TINY_TEACHER]
+    proc = subprocess.Popen([sys.executable, "-m", "training.teacher", *args], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not (out / "history.json").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    os.kill(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "continue with --resume" in stderr
+    before = json.loads((out / "history.json").read_text())
+
+    refused = run_module("training.teacher", "--out", str(out), "--resume", "--epochs", "9")
+    assert refused.returncode == 2 and "--epochs cannot change" in refused.stderr
+    resumed = run_module("training.teacher", "--out", str(out), "--resume", "--threads", "1")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    after = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in after] == list(range(1, 7)) and after[: len(before)] == before
+    assert load_teacher(out / "teacher.pt")[1]["config"]["threads"] == 1
+
+
+def test_training_loss_terms():
+    torch.manual_seed(0)
+    logits, other = torch.randn(8, 10), torch.randn(8, 10)
+    y, y2 = torch.randint(0, 10, (8,)), torch.randint(0, 10, (8,))
+    cfg = TrainConfig(label_smoothing=0.1, kd_weight=0.75, kd_temperature=4.0)
+    ce = F.cross_entropy(logits, y, label_smoothing=0.1)
+    assert torch.allclose(training_loss(logits, y, cfg), ce)
+    # a teacher that agrees with the student adds nothing; one that disagrees adds T^2 * KL
+    assert torch.allclose(training_loss(logits, y, cfg, logits.clone()), 0.25 * ce)
+    kl = F.kl_div(F.log_softmax(logits / 4, 1), F.softmax(other / 4, 1), reduction="batchmean")
+    assert torch.allclose(training_loss(logits, y, cfg, other), 0.25 * ce + 0.75 * 16 * kl)
+    # mixup blends the cross-entropy over the pair of labels
+    ce2 = F.cross_entropy(logits, y2, label_smoothing=0.1)
+    assert torch.allclose(training_loss(logits, y, cfg, mix=(0.3, y2)), 0.3 * ce + 0.7 * ce2)
