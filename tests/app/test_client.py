@@ -1,0 +1,141 @@
+"""`cifar10-cnn predict` / `python -m app` and the Client class against a real service process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from app.checkpoint import build_model, load_checkpoint
+from app.client import CHUNK, Client, ClientError, FileError
+from app.model import CLASSES
+from app.preprocess import load_image, normalize
+
+from .conftest import REPO
+
+SAMPLES = sorted((REPO / "samples").glob("*.jpg"))
+SHIPPED = REPO / "weights" / "final_model.pt"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "app", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+@pytest.fixture(scope="module")
+def service() -> str:
+    """`python -m app serve` on the shipped weights, on a free loopback port."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CIFAR10_WEIGHTS": str(SHIPPED), "CIFAR10_DEVICE": "cpu"}
+    proc = subprocess.Popen([sys.executable, "-m", "app", "serve", "--port", str(port)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[0]
+    yield url
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=30)
+
+
+def expected_labels(paths: list[Path]) -> list[str]:
+    """What the shipped model says for each file, computed here by the shared preprocessing."""
+    model = build_model(load_checkpoint(SHIPPED))
+    with torch.no_grad():
+        logits = model(normalize(torch.stack([load_image(p) for p in paths])))
+    return [CLASSES[i] for i in logits.argmax(1).tolist()]
+
+
+def test_the_repository_ships_one_sample_image_per_class():
+    assert [p.stem for p in SAMPLES] == sorted(CLASSES)
+
+
+def test_predict_prints_each_files_label(service):
+    proc = cli("predict", *map(str, SAMPLES), "--url", service, "--top-k", "2")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == len(SAMPLES)
+    for line, path, label in zip(lines, SAMPLES, expected_labels(SAMPLES), strict=True):
+        name, printed, confidence, *rest = line.split()
+        assert (name, printed) == (path.name, label)
+        assert 0 < float(confidence) <= 1 and len(rest) == 2  # "(second 0.123)"
+
+
+def test_predict_json_is_the_services_answer(service):
+    proc = cli("predict", str(SAMPLES[3]), "--url", service, "--json", "--top-k", "4")
+    assert proc.returncode == 0, proc.stderr
+    [prediction] = json.loads(proc.stdout)
+    assert prediction["filename"] == SAMPLES[3].name and len(prediction["top_k"]) == 4
+    assert prediction["label"] == expected_labels([SAMPLES[3]])[0]
+
+
+@pytest.mark.parametrize(("make", "code", "message"), [
+    (lambda tmp: tmp / "missing.jpg", 2, "missing.jpg: no such file"),
+    (lambda tmp: tmp, 2, "is a folder, not an image file"),
+    (lambda tmp: (tmp / "notes.jpg").write_text("hello") and tmp / "notes.jpg", 1, "the service answered 415"),
+])
+def test_a_bad_file_is_one_clear_line_and_a_nonzero_exit(service, tmp_path, make, code, message):
+    proc = cli("predict", str(make(tmp_path)), "--url", service)
+    assert proc.returncode == code
+    assert proc.stdout == "" and len(proc.stderr.splitlines()) == 1
+    assert proc.stderr.startswith("error: ") and message in proc.stderr
+
+
+def test_an_unreachable_service_is_one_clear_line():
+    url = f"http://127.0.0.1:{free_port()}"
+    proc = cli("predict", str(SAMPLES[0]), "--url", url)
+    assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1
+    assert f"cannot reach the service at {url}" in proc.stderr
+
+
+def test_top_k_out_of_range_is_a_usage_error():
+    proc = cli("predict", str(SAMPLES[0]), "--top-k", "11")
+    assert proc.returncode == 2 and "--top-k must be between 1 and 10" in proc.stderr
+
+
+def test_client_keeps_order_across_requests(service):
+    paths = [SAMPLES[i % len(SAMPLES)] for i in range(CHUNK + 5)]  # two requests
+    with Client(service) as client:
+        assert client.ready()
+        predictions = client.predict(paths, top_k=1)
+        assert client.summary()["total_params"] == 149_584
+    assert [p["filename"] for p in predictions] == [p.name for p in paths]
+    assert [p["label"] for p in predictions] == expected_labels(paths)
+
+
+def test_client_errors_carry_the_services_status_and_code(service, tmp_path):
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with Client(service) as client, pytest.raises(ClientError) as caught:
+        client.predict([SAMPLES[0], empty])
+    assert caught.value.status == 400 and caught.value.code == "empty_file"
+    with Client(service) as client, pytest.raises(FileError):
+        client.predict([tmp_path / "nope.png"])
+
+
+def test_the_console_script_is_installed():
+    script = shutil.which("cifar10-cnn")
+    assert script, "pip install -e . installs the cifar10-cnn command"
+    proc = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "predict" in proc.stdout and "serve" in proc.stdout
