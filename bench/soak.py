@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             save_checkpoint(weights_file, FinalModel())
             print(f"{args.weights} not found: serving a randomly initialised FinalModel")
         port = free_port()
-        proc = start_server(args, weights_file, True, port)
+        proc = start_server(args, weights_file, "on", port)  # batching on, fast path on: the defaults
         try:
             base = f"http://127.0.0.1:{port}"
             wait_ready(proc, base, args.startup_timeout)
