@@ -43,7 +43,16 @@ def recipe_flags(recipe: str) -> list[str]:
 
 
 def recipe_name(recipe: str) -> str:
-    return recipe.replace("=", "").replace(",", "_").replace(".", "p") or "defaults"
+    """"cutout=4,lr=0.3" -> "cutout4_lr0p3"; a path value counts by its file's stem
+    ("teacher=runs/t/teacher.pt,ema=0.999" -> "teacher-teacher_ema0p999")."""
+    parts = []
+    for pair in filter(None, recipe.split(",")):
+        key, _, value = pair.partition("=")
+        if "/" in value or value.endswith(".pt"):
+            parts.append(f"{key.strip()}-{Path(value.strip()).stem}")
+        else:
+            parts.append((key + value).replace(".", "p").strip())
+    return "_".join(parts) or "defaults"
 
 
 def launch(recipes: list[str], common: list[str], out: Path, epochs: int, threads: int,
@@ -93,7 +102,10 @@ def summarize(out: Path, names: list[str]) -> list[dict]:
             continue
         meta = load_checkpoint(path).meta
         m = meta.get("metrics", {})
+        cfg = meta.get("config", {})
         rows.append({"name": name, "finished": bool(meta.get("complete")) and "test_acc" in m,
+                     "teacher_sha256": meta.get("teacher", {}).get("sha256"),
+                     **{k: cfg.get(k) for k in ("kd_weight", "kd_temperature", "ema", "mixup")},
                      "epochs": meta.get("epoch"), "best_epoch": m.get("best_epoch"),
                      "train_acc": m.get("train_acc"), "val_acc": m.get("val_acc"),
                      "test_acc": m.get("test_acc"), "test_acc_tta": m.get("test_acc_tta"),

@@ -199,7 +199,7 @@ def load_teacher_for(cfg: TrainConfig, fingerprint: str) -> tuple[torch.nn.Modul
     teacher, meta = load_teacher(cfg.teacher)
     if meta.get("data_fingerprint") != fingerprint:
         raise DataError(f"--teacher: {cfg.teacher} was not trained on this data (its fingerprint differs)")
-    for key in ("seed", "val_size", "limit"):
+    for key in ("seed", "val_size"):  # these two draw the validation split
         if meta.get(key) != getattr(cfg, key):
             raise DataError(f"--teacher: {cfg.teacher} used --{key.replace('_', '-')} {meta.get(key)}, "
                             f"this run {getattr(cfg, key)}; it must not have trained on this run's "

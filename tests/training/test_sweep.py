@@ -16,6 +16,9 @@ def test_recipe_flags_and_names():
     assert recipe_flags("dropout=0,label_smoothing=0.1") == ["--dropout", "0", "--label-smoothing", "0.1"]
     assert recipe_flags("") == []
     assert recipe_name("dropout=0,weight_decay=0.001") == "dropout0_weight_decay0p001"
+    assert recipe_name("") == "defaults"
+    # a path names its run by its stem: no folders inside the sweep's folder
+    assert recipe_name("teacher=runs/t/teacher.pt,ema=0.999") == "teacher-teacher_ema0p999"
     for bad in ("dropout", "=3", "dropout=0,cutout"):
         with pytest.raises(ValueError, match="not key=value"):
             recipe_flags(bad)
