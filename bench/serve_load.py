@@ -1,6 +1,7 @@
 """Load test of the real service against the bare model, with dynamic batching on and off.
 
     python bench/serve_load.py --data cifar10-jpeg.tar.gz [--weights weights/final_model.pt]
+    python bench/serve_load.py --data cifar10-jpeg.tar.gz --smoke   # a check that it works, in seconds
 
 Measures, in one run on this machine:
 1. the bare model (no HTTP) on the same images: batch-32 throughput with N workers x 1 torch
@@ -39,18 +40,18 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.checkpoint import save_checkpoint  # noqa: E402
-from app.model import FinalModel  # noqa: E402
-from app.preprocess import load_image  # noqa: E402
-from app.service import load_model  # noqa: E402
-from app.settings import available_cpus  # noqa: E402
+# torch and app.* are imported where they are used: bench/soak.py borrows the server helpers
+# below and should not pay for importing torch in the load generator.
 
 BOUNDARY = "cifar10-bench-boundary"
 
@@ -91,7 +92,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="load generator: raw asyncio HTTP/1.1 (light, like wrk) or httpx.AsyncClient",
     )
     p.add_argument("--startup-timeout", type=float, default=120.0, help="seconds to wait for /health/ready")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a check that the script works, in seconds: "
+        + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in SMOKE.items())
+        + " (over any given); its figures mean nothing",
+    )
     return p
+
+
+# --smoke: every phase runs, briefly, for the default mode (batching on, fast path on).
+SMOKE = {
+    "modes": "on",  # each further mode costs a server start (seconds of imports on a busy CPU)
+    "images": 20,
+    "clients": 4,
+    "duration": 0.5,
+    "warmup": 0.3,
+    "single_duration": 0.3,
+    "bare_duration": 0.2,
+}
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -135,6 +155,8 @@ def bare_throughput(
     model, images: torch.Tensor, batch: int, workers: int, threads: int, seconds: float
 ) -> float:
     """Images/s of `workers` threads each running batch-`batch` forward passes back to back."""
+    import torch
+
     torch.set_num_threads(threads)
     x = images[:batch].contiguous()
     for _ in range(3):
@@ -157,6 +179,8 @@ def bare_throughput(
 
 
 def bare_latency_ms(model, images: torch.Tensor, seconds: float) -> float:
+    import torch
+
     torch.set_num_threads(1)
     times = []
     stop = time.perf_counter() + seconds
@@ -371,7 +395,18 @@ def _ms(value: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from app.checkpoint import save_checkpoint
+    from app.model import FinalModel
+    from app.preprocess import load_image
+    from app.service import load_model
+    from app.settings import available_cpus
+
     args = build_parser().parse_args(argv)
+    if args.smoke:
+        vars(args).update(SMOKE)
+        print("smoke run: a check that the script works; its figures mean nothing")
     cores = available_cpus()
     workers = args.workers or cores
     b = args.max_batch_size

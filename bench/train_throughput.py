@@ -1,6 +1,7 @@
 """Training throughput of FinalModel: the full training step against the bare model step.
 
     python bench/train_throughput.py [--data cifar10-jpeg.tar.gz] [--steps 8] [--compile]
+    python bench/train_throughput.py --smoke    # a check that it works, in seconds (what CI runs)
 
 "full" is `training.train.train_one_epoch` itself: batch gather from the in-memory uint8 data
 set, normalisation, batch augmentation (flip, translate, cutout), forward, label-smoothed loss,
@@ -38,9 +39,16 @@ from training.train import TrainConfig, train_one_epoch  # noqa: E402
 
 def make_ctx(amp: bool, channels_last: bool, rank: int = 0, world: int = 1) -> dict:
     dtype = torch.bfloat16 if amp else None
-    return {"device": torch.device("cpu"), "rank": rank, "world": world, "amp": amp,
-            "channels_last": channels_last,
-            "autocast": (lambda: torch.autocast("cpu", dtype=dtype)) if amp else nullcontext}
+    return {
+        "device": torch.device("cpu"),
+        "rank": rank,
+        "world": world,
+        "amp": amp,
+        "channels_last": channels_last,
+        "teacher": None,  # train_one_epoch's optional extras, off here
+        "ema": None,
+        "autocast": (lambda: torch.autocast("cpu", dtype=dtype)) if amp else nullcontext,
+    }
 
 
 def make_model(dropout: float, channels_last: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -74,8 +82,17 @@ def bare_rate(data: Split, batch: int, steps: int, amp: bool, channels_last: boo
     return steps * batch / (time.perf_counter() - start)
 
 
-def full_rate(data: Split, batch: int, steps: int, amp: bool, channels_last: bool, dropout: float,
-              rank: int = 0, world: int = 1, compile: bool = False) -> float:
+def full_rate(
+    data: Split,
+    batch: int,
+    steps: int,
+    amp: bool,
+    channels_last: bool,
+    dropout: float,
+    rank: int = 0,
+    world: int = 1,
+    compile: bool = False,
+) -> float:
     """images/s of train_one_epoch over `steps` batches (after a 2-batch warm-up, which is also
     when torch.compile compiles), all ranks together."""
     model, opt = make_model(dropout, channels_last)
@@ -86,8 +103,9 @@ def full_rate(data: Split, batch: int, steps: int, amp: bool, channels_last: boo
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=steps + 3)
     ctx = make_ctx(amp, channels_last, rank, world)
     train_one_epoch(net, opt, sched, data.subset(torch.arange(2 * batch)), cfg, 0, ctx, progress=False)
-    r = train_one_epoch(net, opt, sched, data.subset(torch.arange(steps * batch)), cfg, 0, ctx,
-                        progress=False)
+    r = train_one_epoch(
+        net, opt, sched, data.subset(torch.arange(steps * batch)), cfg, 0, ctx, progress=False
+    )
     return r["images"] / r["seconds"]
 
 
@@ -95,7 +113,7 @@ def _ddp_worker(rank: int, world: int, port: int, args, data: Split, results) ->
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    rate = full_rate(data, args.batch_size, args.steps, True, True, args.dropout, rank, world)
+    rate = full_rate(data, args.batch_size, args.steps, args.amp, True, args.dropout, rank, world)
     if rank == 0:
         results.put(rate)
     dist.destroy_process_group()
@@ -117,33 +135,63 @@ def compare_compile(data: Split, batch: int, dropout: float, steps: int, cores: 
         eager = full_rate(data, batch, steps, True, True, dropout)
         compiled = full_rate(data, batch, steps, True, True, dropout, compile=True)
         eager_again = full_rate(data, batch, steps, True, True, dropout)
-        print(f"1 proc x {threads} thr, batch {batch}, bf16 + channels_last, full step: eager "
-              f"{eager:.1f} then {eager_again:.1f} img/s, compiled {compiled:.1f} img/s; "
-              f"compiled / eager {compiled / ((eager + eager_again) / 2):.2f}", flush=True)
+        print(
+            f"1 proc x {threads} thr, batch {batch}, bf16 + channels_last, full step: eager "
+            f"{eager:.1f} then {eager_again:.1f} img/s, compiled {compiled:.1f} img/s; "
+            f"compiled / eager {compiled / ((eager + eager_again) / 2):.2f}",
+            flush=True,
+        )
 
 
-def main() -> None:
+# --smoke: two rows (plain fp32 NCHW, and bf16 + channels_last) and the DDP comparison, on
+# small batches and one timed step each.
+SMOKE = {"steps": 1, "batch_size": 8}
+SMOKE_IMAGES = 256  # random images when --data is not given (4096 * 4 otherwise)
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="CIFAR-10 source as in training (default: random images)")
     p.add_argument("--cache-dir", default=".cache/data", help="where training caches decoded data")
     p.add_argument("--steps", type=int, default=8, help="timed batches per measurement")
     p.add_argument("--batch-size", type=int, default=256, help="batch size of the headline rows")
     p.add_argument("--dropout", type=float, default=0.05, help="dropout of the headline rows")
-    p.add_argument("--compile", action="store_true",
-                   help="instead of the rows above: the full step under torch.compile against the same "
-                   "step eager, in one process with 1 and with all threads")
-    args = p.parse_args()
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="instead of the rows above: the full step under torch.compile against the same "
+        "step eager, in one process with 1 and with all threads",
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a check that the script works, in seconds: "
+        + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in SMOKE.items())
+        + f" (over any given), {SMOKE_IMAGES} random images without --data, 1 thread, "
+        "two of the rows; its figures mean nothing",
+    )
+    args = p.parse_args(argv)
+    if args.smoke:
+        vars(args).update(SMOKE)
+        print("smoke run: a check that the script works; its figures mean nothing")
 
     if args.data:
         data = load_cifar10(args.data, args.cache_dir).train
     else:
         g = torch.Generator().manual_seed(0)
-        n = 4096 * 4
-        data = Split(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
-                     torch.randint(0, 10, (n,), generator=g))
-    cores = os.cpu_count() or 1
-    print(f"torch {torch.__version__}, {cores} cores, bf16 support: "
-          f"{torch.ops.mkldnn._is_mkldnn_bf16_supported()}, {args.steps} timed steps per row\n")
+        n = SMOKE_IMAGES if args.smoke else 4096 * 4
+        data = Split(
+            torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+            torch.randint(0, 10, (n,), generator=g),
+        )
+    # --smoke: 1 thread, as on a busy machine several spinning threads per process can stall it
+    cores = 1 if args.smoke else os.cpu_count() or 1
+    bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    # --smoke without native bf16: fp32 rows, as emulated bf16 takes minutes a step on a busy CPU
+    args.amp = bf16 or not args.smoke  # the bf16 rows and the DDP row use autocast
+    print(
+        f"torch {torch.__version__}, {cores} cores, bf16 support: {bf16}, {args.steps} timed steps per row\n"
+    )
 
     b, d = args.batch_size, args.dropout
     if args.compile:
@@ -151,33 +199,41 @@ def main() -> None:
         return
 
     rows = []
-    for threads, batch, amp, cl, drop in [
+    amp = args.amp
+    configs = [
         (cores, b, False, False, d),  # plain PyTorch
         (cores, b, False, True, d),
-        (cores, b, True, False, d),
-        (cores, b, True, True, d),  # 1 process with the training defaults on CPU
-        (cores, b, True, True, 0.0),
-        (cores, b // 2, True, True, d),
-        (cores, b * 2, True, True, d),
-        (1, b, True, True, d),
-    ]:
+        (cores, b, amp, False, d),
+        (cores, b, amp, True, d),  # 1 process with the training defaults on CPU
+        (cores, b, amp, True, 0.0),
+        (cores, b // 2, amp, True, d),
+        (cores, b * 2, amp, True, d),
+        (1, b, amp, True, d),
+    ]
+    if args.smoke:
+        configs = [configs[0], configs[3]]  # plain and the CPU default: every code path, 2 rows
+    for threads, batch, amp, cl, drop in configs:
         torch.set_num_threads(threads)
         bare = bare_rate(data, batch, args.steps, amp, cl, drop)
         full = full_rate(data, batch, args.steps, amp, cl, drop)
-        label = f"1 proc x {threads} thr, batch {batch}, {'bf16' if amp else 'fp32'}, " \
-                f"{'channels_last' if cl else 'NCHW'}, dropout {drop}"
+        label = (
+            f"1 proc x {threads} thr, batch {batch}, {'bf16' if amp else 'fp32'}, "
+            f"{'channels_last' if cl else 'NCHW'}, dropout {drop}"
+        )
         rows.append((label, bare, full))
-        print(f"{label:<62} bare {bare:7.1f} img/s   full {full:7.1f} img/s   full/bare {full / bare:.2f}",
-              flush=True)
+        print(
+            f"{label:<62} bare {bare:7.1f} img/s   full {full:7.1f} img/s   full/bare {full / bare:.2f}",
+            flush=True,
+        )
 
     torch.set_num_threads(cores)
-    one = full_rate(data, b, args.steps, True, True, d)
+    one = full_rate(data, b, args.steps, amp, True, d)
     two = ddp_rate(args, data)
     plain = rows[0][2]
     print(f"\nDDP (gloo) 2 procs x 1 thread, full step: {two:7.1f} img/s")
     print(f"1 proc x {cores} threads, full step:           {one:7.1f} img/s")
     print(f"DDP 2x1 / 1x{cores}: {two / one:.2f}")
-    print(f"DDP 2x1 bf16+channels_last / plain fp32 NCHW 1x{cores}: {two / plain:.2f}")
+    print(f"DDP 2x1 {'bf16' if amp else 'fp32'}+channels_last / plain fp32 NCHW 1x{cores}: {two / plain:.2f}")
 
 
 if __name__ == "__main__":

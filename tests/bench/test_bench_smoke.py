@@ -1,0 +1,101 @@
+"""Every script under bench/ runs end to end in its --smoke mode and prints its table.
+
+The figures of a smoke run mean nothing (seconds of load on a shared machine); these tests
+check that each script still starts its server or workers, runs every phase and reports,
+so that a broken benchmark fails CI instead of the next person who measures.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import REPO
+
+BENCH_SCRIPTS = sorted(p.name for p in (REPO / "bench").glob("*.py"))
+SMOKE_TESTED = {"serve_load.py", "soak.py", "train_throughput.py"}  # each has a test below
+
+
+def run_bench(script: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CIFAR10_")}  # no stray settings
+    proc = subprocess.run(
+        [sys.executable, f"bench/{script}", "--smoke", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "smoke run" in proc.stdout
+    return proc
+
+
+def test_every_bench_script_has_a_smoke_test():
+    assert set(BENCH_SCRIPTS) == SMOKE_TESTED, "a new bench/ script needs --smoke and a test here"
+    for script in BENCH_SCRIPTS:
+        assert "--smoke" in (REPO / "bench" / script).read_text(), script
+
+
+def test_soak_smoke(jpeg_archive):
+    out = run_bench("soak.py", "--data", str(jpeg_archive)).stdout
+    assert "| kind | status | code | count | expected |" in out
+    for kind in ("valid", "empty", "truncated", "text", "bomb", "too_many_files", "wrong_field", "json_body"):
+        assert re.search(rf"^\| {kind} \| \d+ \| .* \| yes \|$", out, re.M), f"no row for {kind}\n{out}"
+    assert "5xx: 0; dropped connections: 0; other unexpected answers: 0" in out
+    assert "| window | requests | valid/s | valid p50 ms | valid p99 ms | all p99 ms | server RSS MB |" in out
+    assert re.search(r"^\| 0-1 s \| [\d,]+ \|", out, re.M), out
+    assert "server RSS:" in out and out.rstrip().endswith("PASS")
+
+
+def test_serve_load_smoke(jpeg_archive):
+    """--smoke serves one mode (batching on, fast path on): each mode is a server start."""
+    out = run_bench("serve_load.py", "--data", str(jpeg_archive)).stdout
+    assert "| configuration | clients | images/s | p50 ms | p99 ms |" in out
+    for row in (
+        r"bare model, batch 32, \d+ worker\(s\) x 1 thread",
+        r"bare model, batch 32, 1 worker x \d+ thread\(s\)",
+        r"bare model, batch 1 forward, 1 thread",
+        r"server, batching on",
+    ):
+        assert re.search(rf"^\| {row} \| ", out, re.M), f"no row {row}\n{out}"
+    servers = re.findall(r"^\| server, .*$", out, re.M)
+    assert len(servers) == 2, out  # the loaded and the one-client phase
+    for line in servers:  # every request answered 200: errors would be noted, 0 images/s shown
+        assert "errors" not in line and "| 0 |" not in line, line
+    assert "one client: p50" in out
+
+
+def test_every_server_mode_the_scripts_name_exists():
+    """The modes --modes offers, and the mode each start_server call passes, are keys of MODES
+    (soak.py once passed True, a flag from before the modes, and crashed on start)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import serve_load
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    default_modes = serve_load.build_parser().get_default("modes").split(",")
+    assert set(default_modes) == set(serve_load.MODES)
+    for script in BENCH_SCRIPTS:
+        tree = ast.parse((REPO / "bench" / script).read_text())
+        for call in ast.walk(tree):
+            if isinstance(call, ast.Call) and getattr(call.func, "id", None) == "start_server":
+                mode = call.args[2]
+                if isinstance(mode, ast.Constant):
+                    assert mode.value in serve_load.MODES, f"{script}:{call.lineno}: mode {mode.value!r}"
+                else:  # a variable: serve_load checks --modes against MODES before starting
+                    assert script == "serve_load.py", f"{script}:{call.lineno}: pass a mode name"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the DDP row spawns gloo processes (Linux here)")
+def test_train_throughput_smoke():
+    out = run_bench("train_throughput.py").stdout
+    row = r"^1 proc x \d+ thr, batch \d+, .* bare +[\d.]+ img/s +full +[\d.]+ img/s +full/bare [\d.]+$"
+    rows = re.findall(row, out, re.M)
+    assert len(rows) == 2, out  # --smoke: plain fp32 NCHW, and bf16 + channels_last
+    assert re.search(r"^DDP \(gloo\) 2 procs x 1 thread, full step: +[\d.]+ img/s", out, re.M), out
