@@ -6,11 +6,11 @@ response model's validation cost about as much per request as decoding the image
 middleware sits innermost, behind the metrics, API-key, body-limit and admission middleware, and
 answers a request itself when it is the common case: a multipart/form-data body of at most 1 MiB
 with a Content-Length, whose every part is a file in the field `file`, and at most the query
-`top_k=<1..10>`. It calls the same
-`ModelService.predict` and serialises the same `PredictResponse`, so the answer is the route's,
-byte for byte apart from the timings. Anything else (another field, a part without a filename,
-an unusual query, a body that does not parse) is handed to the FastAPI route untouched, body
-replayed, so every error answer and the OpenAPI schema stay the route's own.
+`top_k=<1..10>`. It calls the same `ModelService.classify` and builds the same `PredictResponse`
+(`app.edge.predict_response`), so the answer is the route's, byte for byte apart from the
+timings. Anything else (another field, a part without a filename, an unusual query, a body that
+does not parse) is handed to the FastAPI route untouched, body replayed, so every error answer
+and the OpenAPI schema stay the route's own.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ import re
 from python_multipart.multipart import parse_options_header
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import ApiError, error_response
+from app.edge import api_error, predict_response
+from app.errors import error_response
 from app.metrics import Metrics
-from app.service import ModelService, Upload
+from app.service import ModelService, ServiceError, Upload
 from app.settings import MAX_TOP_K
 
 _TOP_K = re.compile(rb"top_k=(\d{1,2})")
@@ -128,13 +129,14 @@ class PredictFastPath:
 
         uploads = [Upload(name, io.BytesIO(data), len(data)) for name, data in parts]
         arrival = scope.get("state", {}).get("arrival")
+        settings = self.service.settings
         try:
-            answer = await self.service.predict(uploads, top_k or self.service.settings.top_k, arrival)
-        except ApiError as error:
+            result = await self.service.classify(uploads, top_k or settings.top_k, arrival)
+        except ServiceError as error:
             self.metrics.rejected.labels(error.code).inc()
-            await error_response(error)(scope, receive, send)
+            await error_response(api_error(error, settings.retry_after_s))(scope, receive, send)
             return
-        payload = answer.model_dump_json().encode()
+        payload = predict_response(result).model_dump_json().encode()
         headers = [*_JSON_HEADERS, (b"content-length", str(len(payload)).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": payload})

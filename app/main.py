@@ -42,8 +42,10 @@ from pydantic import ValidationError
 from starlette.middleware.cors import CORSMiddleware
 
 from app.admin import admin_router
+from app.batching import Arrival
 from app.checkpoint import CheckpointError
-from app.errors import ApiError, ErrorBody, install_error_handlers
+from app.edge import api_error, install_service_errors
+from app.errors import ErrorBody, install_error_handlers
 from app.fastpath import PredictFastPath
 from app.metrics import Metrics, MetricsMiddleware
 from app.middleware import (
@@ -52,9 +54,9 @@ from app.middleware import (
     BodyLimitMiddleware,
     StartupMessageMiddleware,
 )
-from app.routes import model_router, ops_router, predict_router
+from app.routes import inference_router, model_router, ops_router
 from app.security import API_KEY_HEADER, require_api_key
-from app.service import ModelService, StartupError
+from app.service import ModelService, PredictorFactory, ServiceError, StartupError
 from app.settings import Settings, env_name
 
 log = logging.getLogger(__name__)
@@ -104,8 +106,8 @@ async def _reload_on_sighup(service: ModelService) -> None:
         await asyncio.to_thread(service.reload)  # logs the swap itself
     except CheckpointError as exc:
         log.error("SIGHUP: reload refused: %s; still serving sha256 %s...", exc, service.model.sha256[:12])
-    except ApiError as exc:
-        log.warning("SIGHUP: no reload: %s", exc.detail)
+    except ServiceError as exc:
+        log.warning("SIGHUP: no reload: %s", exc.message)
 
 
 async def _drain_then_stop(service: ModelService, stop: Callable[[], Any]) -> None:
@@ -179,11 +181,13 @@ def _install_signal_handlers(service: ModelService) -> Callable[[], None]:
     return uninstall
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, make_predictor: PredictorFactory | None = None) -> FastAPI:
+    """The app for `settings` (default: from the environment); `make_predictor` replaces the
+    configured backend (tests hand in a fake one)."""
     settings = settings if settings is not None else settings_from_env()
     _configure_logging(settings.log_level)
     metrics = Metrics()
-    service = ModelService(settings, metrics)
+    service = ModelService(settings, metrics, make_predictor)
     startup_failure: list[str] = []
 
     @asynccontextmanager
@@ -212,16 +216,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = service
     app.state.metrics = metrics
     install_error_handlers(app)
+    install_service_errors(app)
     if settings.api_key is not None:
         unauthorized = {
             "model": ErrorBody,
             "description": f"The API key is missing or wrong (header {API_KEY_HEADER} or Bearer).",
         }
         app.include_router(
-            predict_router, dependencies=[Depends(require_api_key)], responses={401: unauthorized}
+            inference_router, dependencies=[Depends(require_api_key)], responses={401: unauthorized}
         )
     else:
-        app.include_router(predict_router)
+        app.include_router(inference_router)
     app.include_router(model_router)
     app.include_router(ops_router)
     app.include_router(admin_router)
@@ -229,16 +234,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # The documented paths and the docs' own: FastAPI nests included routers rather than copying
     # their routes into app.routes, so the schema is where every path is listed.
     known_paths = set(app.openapi()["paths"]) | {getattr(route, "path", "") for route in app.routes}
+    # Every inference route gets the API key, admission (readiness, queue, drain) and metrics.
+    inference_paths = frozenset(route.path for route in inference_router.routes)
+
+    def admit() -> Arrival:
+        try:
+            return service.admit()
+        except ServiceError as exc:
+            raise api_error(exc, settings.retry_after_s) from None
+
     # The last added is the outermost: startup message, CORS, metrics, API key, body limit,
     # admission, the /predict fast path, routes.
     if settings.fast_path:
         app.add_middleware(PredictFastPath, path="/predict", service=service, metrics=metrics)
     app.add_middleware(
-        AdmissionMiddleware, path="/predict", admit=service.admit, done=service.request_done, metrics=metrics
+        AdmissionMiddleware, paths=inference_paths, admit=admit, done=service.request_done, metrics=metrics
     )
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=metrics)
     if settings.api_key is not None:
-        app.add_middleware(ApiKeyMiddleware, path="/predict", key=settings.api_key, metrics=metrics)
+        app.add_middleware(ApiKeyMiddleware, paths=inference_paths, key=settings.api_key, metrics=metrics)
     app.add_middleware(MetricsMiddleware, metrics=metrics, known_paths=known_paths)
     if settings.cors_origins:
         app.add_middleware(

@@ -82,16 +82,17 @@ class BodyLimitMiddleware:
 
 
 class ApiKeyMiddleware:
-    """401 for a POST to `path` without the right API key, before its body is read or it is admitted."""
+    """401 for a POST to one of `paths` without the right API key, before its body is read or it is
+    admitted."""
 
-    def __init__(self, app: ASGIApp, path: str, key: SecretStr, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, paths: frozenset[str], key: SecretStr, metrics: Metrics) -> None:
         self.app = app
-        self.path = path
+        self.paths = paths
         self.key = key
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == self.path:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.paths:
             error = api_key_error(Headers(scope=scope), self.key)
             if error is not None:
                 self.metrics.rejected.labels(error.code).inc()
@@ -101,7 +102,7 @@ class ApiKeyMiddleware:
 
 
 class AdmissionMiddleware:
-    """Admits a POST to `path` before its body is read: 503 while not ready or while the queue is full.
+    """Admits a POST to one of `paths` before its body is read: 503 while not ready or the queue is full.
 
     `admit()` raises ApiError or returns the request's `Arrival`, which tells the batcher that
     a request is on its way; it is kept in the request's state (`request.state.arrival`) for
@@ -112,19 +113,19 @@ class AdmissionMiddleware:
     def __init__(
         self,
         app: ASGIApp,
-        path: str,
+        paths: frozenset[str],
         admit: Callable[[], Arrival],
         done: Callable[[], None],
         metrics: Metrics,
     ) -> None:
         self.app = app
-        self.path = path
+        self.paths = paths
         self.admit = admit
         self.done = done
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != self.path:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
             await self.app(scope, receive, send)
             return
         try:

@@ -1,4 +1,10 @@
-"""The endpoints, one router per concern. Routes only parse, call the service and shape the answer."""
+"""The endpoints, one router per concern. Routes only parse, call the service and shape the answer.
+
+`inference_router` holds the inference endpoints: `app.main` reads their paths from it and gives
+every one the API key, the admission check (readiness, queue, drain) and the metrics, so a new
+inference route is declared here once. A `ServiceError` a route lets rise is answered by
+`app.edge`.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,12 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, File, Query, Request, Response, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from app.edge import model_summary as build_summary
+from app.edge import predict_response
 from app.errors import error_responses
 from app.imaging import supported_formats
 from app.metrics import Metrics
+from app.model import format_layer_table
 from app.schemas import Health, ModelSummary, PredictResponse
 from app.service import ModelService, Upload
 from app.settings import MAX_TOP_K
@@ -26,12 +35,12 @@ async def get_metrics(request: Request) -> Metrics:
 ServiceDep = Annotated[ModelService, Depends(get_service)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
-predict_router = APIRouter(tags=["predict"])
+inference_router = APIRouter(tags=["predict"])
 model_router = APIRouter(tags=["model"])
 ops_router = APIRouter(tags=["operations"])
 
 
-@predict_router.post(
+@inference_router.post(
     "/predict",
     response_model=PredictResponse,
     summary="Classify one or more images",
@@ -60,7 +69,7 @@ async def predict(
 ) -> PredictResponse:
     uploads = [Upload(f.filename or None, f.file, f.size) for f in files]
     arrival = getattr(request.state, "arrival", None)  # set by AdmissionMiddleware
-    return await service.predict(uploads, top_k or service.settings.top_k, arrival)
+    return predict_response(await service.classify(uploads, top_k or service.settings.top_k, arrival))
 
 
 @model_router.get(
@@ -79,10 +88,12 @@ async def model_summary(
     ] = "json",
 ) -> ModelSummary | PlainTextResponse:
     if not service.ready:
-        raise service.not_ready_error()
+        raise service.not_ready()
     if format == "text":
-        return PlainTextResponse(service.summary_text() + "\n")
-    return service.summary()
+        loaded = service.model
+        table = format_layer_table(loaded.layers, loaded.total_params, loaded.trainable_params)
+        return PlainTextResponse(table + "\n")
+    return build_summary(service)
 
 
 @ops_router.get("/health/live", response_model=Health, summary="The process is up (it may still be loading)")
@@ -99,7 +110,7 @@ async def live() -> Health:
 async def ready(service: ServiceDep) -> Health | JSONResponse:
     if not service.ready:
         headers = {"Retry-After": str(service.settings.retry_after_s)}
-        return JSONResponse(Health(status=service.state).model_dump(), status_code=503, headers=headers)
+        return JSONResponse(Health(status=service.state.value).model_dump(), status_code=503, headers=headers)
     return Health(status="ready", model_sha256=service.model.sha256)
 
 

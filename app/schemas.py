@@ -64,6 +64,14 @@ class ServingInfo(BaseModel):
     max_pixels: int
 
 
+class InferenceInfo(BaseModel):
+    backend: str = Field(description="What runs the forward pass: pytorch or onnxruntime.")
+    precision: str = Field(description="fp32, or bf16 (autocast; changes a few labels).")
+    device: str
+    threads: int = Field(description="Intra-op threads of one forward pass.")
+    layout: str = Field(description="Activation memory layout (PyTorch): nchw or channels_last.")
+
+
 class ModelSummary(BaseModel):
     model: str
     total_params: int
@@ -72,7 +80,8 @@ class ModelSummary(BaseModel):
     input_shape: list[int]
     layers: list[LayerInfo] = Field(description="Every leaf layer, measured with forward hooks.")
     device: str
-    dtype: str
+    dtype: str = Field(description="Compute dtype: float32, or bfloat16 with precision bf16.")
+    inference: InferenceInfo
     classes: list[str]
     normalization: Normalization
     sha256: str = Field(description="sha256 of the weights file.")

@@ -1,27 +1,34 @@
-"""The model behind the API: loading, warm-up, decoding uploads, batched inference, top-k.
+"""The model behind the API, as a domain: lifecycle, loading and swapping, admission, batching, `classify`.
 
-`ModelService` owns the model, the decode thread pool and the `DynamicBatcher`. The model sits
-in one attribute that holds an immutable `LoadedModel`; every batch reads it once, so `swap()`
-can replace it atomically while requests keep flowing. `reload()` (POST /admin/reload, SIGHUP)
-loads, checks and warms a new checkpoint off to the side and only then swaps it in; a file
-that fails any check is refused and the old weights keep serving.
+`ModelService` speaks in domain results (`Classification`) and domain errors (`ServiceError`
+and its kinds); it knows nothing of HTTP. The HTTP edge (`app.edge`) turns both into answers:
+statuses, error bodies, Retry-After, response models.
 
-Lifecycle: starting -> ready -> draining (SIGTERM: readiness and new requests get 503 while the
-admitted ones finish, see `drain()`) -> stopping.
+The served model sits in one attribute that holds an immutable `LoadedModel`, whose `Predictor`
+(`app.predictor`: PyTorch or ONNX Runtime) runs the forward pass; every batch reads it once, so
+`swap()` replaces model and predictor atomically while requests keep flowing. `reload()`
+(POST /admin/reload, SIGHUP) loads, checks, builds the predictor for and warms a new
+checkpoint off to the side and only then swaps it in; a file that fails any check is refused
+and the old weights keep serving.
+
+Lifecycle (`State`): starting -> ready -> draining (SIGTERM: readiness and new requests are
+refused while the admitted ones finish, see `drain()`) -> stopping.
 
 Threading, for a small CPU model: `workers` inference threads each run whole batches with
-PyTorch's intra-op threads set to `torch_threads` (process-wide; by default cores / workers, so
-one each on a CPU). Two single-threaded forward passes side by side beat one two-threaded pass
-for this model, since its layers are too small to split well across cores.
+`torch_threads` intra-op threads (by default cores / workers, so one each on a CPU). Two
+single-threaded forward passes side by side beat one two-threaded pass for this model, since its
+layers are too small to split well across cores.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import io
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -34,32 +41,10 @@ from PIL import Image
 from app.batching import Arrival, BatcherClosed, DynamicBatcher, ItemResult, QueueFull
 from app.checkpoint import CheckpointError, build_model, load_checkpoint
 from app.device import resolve_device
-from app.errors import ApiError, FileProblem
 from app.imaging import UploadError, read_upload
 from app.metrics import Metrics
-from app.model import (
-    CLASSES,
-    INPUT_SHAPE,
-    MEAN,
-    MODEL_NAME,
-    STD,
-    LayerRow,
-    count_parameters,
-    format_layer_table,
-    layer_table,
-)
-from app.preprocess import normalize
-from app.schemas import (
-    ClassProbability,
-    LayerInfo,
-    ModelRef,
-    ModelSummary,
-    Normalization,
-    Prediction,
-    PredictResponse,
-    ServingInfo,
-    Timing,
-)
+from app.model import CLASSES, INPUT_SHAPE, MODEL_NAME, LayerRow, count_parameters, layer_table
+from app.predictor import Predictor, PredictorError, TorchPredictor, build_predictor, check_output
 from app.settings import Settings, env_name
 
 log = logging.getLogger(__name__)
@@ -68,16 +53,78 @@ log = logging.getLogger(__name__)
 INLINE_DECODE_BYTES = 64 * 1024
 INLINE_DECODE_PIXELS = 256 * 256
 
+# Builds the predictor for a model already on its device; tests hand the service a fake one.
+PredictorFactory = Callable[[torch.nn.Module, torch.device], Predictor]
+
 
 class StartupError(Exception):
     """The service cannot start; the message is one sentence for the log."""
+
+
+class State(enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    STOPPING = "stopping"
+
+
+# -- domain errors: what went wrong, in words; app.edge gives each its HTTP status ---------------
+
+
+class ServiceError(Exception):
+    """A request the service will not or cannot carry out; `message` is one sentence for the client."""
+
+    code = "service_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotReady(ServiceError):
+    """Starting or shutting down: try again shortly."""
+
+    code = "not_ready"
+
+
+class AtCapacity(ServiceError):
+    """The queue is full: try again shortly."""
+
+    code = "queue_full"
+
+
+class NoImages(ServiceError):
+    code = "invalid_request"
+
+
+class TooManyFiles(ServiceError):
+    code = "too_many_files"
+
+
+@dataclass(frozen=True)
+class UploadProblem:
+    index: int  # position in the request, from 0
+    filename: str | None
+    error: UploadError
+
+
+class BadUploads(ServiceError):
+    """One or more uploads cannot be used; `problems` names every one, in upload order."""
+
+    def __init__(self, message: str, problems: list[UploadProblem]) -> None:
+        super().__init__(message)
+        self.problems = problems
+        self.code = problems[0].error.code
+
+
+# -- the loaded model ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, eq=False)
 class LoadedModel:
     """A model ready to serve, with everything the summary and the answers report about it."""
 
-    model: torch.nn.Module
+    predictor: Predictor
     device: torch.device
     sha256: str
     weights_file: str
@@ -86,7 +133,6 @@ class LoadedModel:
     total_params: int
     trainable_params: int
     loaded_at: str
-    dtype: torch.dtype = torch.float32
 
     @property
     def test_accuracy(self) -> float | None:
@@ -94,40 +140,39 @@ class LoadedModel:
         return float(value) if isinstance(value, (int, float)) else None
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, 32, 32) -> float32 class probabilities (N, 10) on the CPU.
-
-        float32 on every device, exactly as `python -m training.evaluate` computes, so served
-        labels agree with the evaluated ones.
-        """
-        with torch.inference_mode():
-            x = normalize(images.to(self.device, non_blocking=True))
-            logits = self.model(x)
-            return torch.softmax(logits.float(), dim=1).cpu()
+        """uint8 (N, 3, 32, 32) -> float32 class probabilities (N, 10) on the CPU."""
+        return self.predictor.probabilities(images)
 
 
-def load_model(weights: str | Path, device: torch.device) -> LoadedModel:
-    """Read and check a checkpoint and put its model on `device`; raises CheckpointError.
+def _reference_predictor(model: torch.nn.Module, device: torch.device) -> Predictor:
+    return TorchPredictor(model, device)  # PyTorch fp32 NCHW: what evaluation reports by default
 
-    Besides the checks of `load_checkpoint` and `build_model` (format, architecture, classes,
-    finite weights), one forward pass on a fixed image must give finite logits of shape (1, 10).
+
+def load_model(
+    weights: str | Path, device: torch.device, make_predictor: PredictorFactory | None = None
+) -> LoadedModel:
+    """Read and check a checkpoint, put its model on `device` and build its predictor.
+
+    Raises CheckpointError for a file that fails a check: besides those of `load_checkpoint` and
+    `build_model` (format, architecture, classes, finite weights), one forward pass through the
+    predictor on a fixed image must give finite logits of shape (1, 10). Raises PredictorError
+    when the predictor cannot be built here.
     """
     ckpt = load_checkpoint(weights)
     model = build_model(ckpt)
     layers = layer_table(model)  # measured on the CPU, before the move
     total, trainable = count_parameters(model)
     model.to(device)
-    with torch.inference_mode():
-        probe = torch.full((1, *INPUT_SHAPE), 128, dtype=torch.uint8, device=device)
-        logits = model(normalize(probe))
-    finite = bool(torch.isfinite(logits).all())
-    if tuple(logits.shape) != (1, len(CLASSES)) or not finite:
-        got = f"shape {tuple(logits.shape)}" + ("" if finite else " with NaN or infinite values")
+    predictor = (_reference_predictor if make_predictor is None else make_predictor)(model, device)
+    probe = torch.full((1, *INPUT_SHAPE), 128, dtype=torch.uint8)
+    problem = check_output(predictor.logits(probe), 1)
+    if problem is not None:
         raise CheckpointError(
-            f"weights file {weights} fails the test forward pass: logits of {got}, "
+            f"weights file {weights} fails the test forward pass: logits of {problem}, "
             f"not finite ones of shape (1, {len(CLASSES)})"
         )
     return LoadedModel(
-        model=model,
+        predictor=predictor,
         device=device,
         sha256=ckpt.sha256,
         weights_file=Path(ckpt.path).name,
@@ -146,6 +191,21 @@ class Upload:
     size: int | None = None  # bytes, when known
 
 
+@dataclass(frozen=True)
+class Classification:
+    """The result of `classify`: per-image probabilities in upload order, and where they came from."""
+
+    filenames: list[str | None]
+    probabilities: list[list[float]]  # (k, 10)
+    top_k: int
+    model: LoadedModel  # the weights that made every one of these predictions
+    decode_s: float
+    queue_s: float  # longest wait of an image for its batch
+    run_s: float  # model time of the longest batch
+    batch_size: int  # images in the largest forward pass
+    total_s: float
+
+
 def _warmup_image() -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (64, 48), (120, 80, 40)).save(buffer, "JPEG")
@@ -153,10 +213,13 @@ def _warmup_image() -> bytes:
 
 
 class ModelService:
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: Settings, metrics: Metrics, make_predictor: PredictorFactory | None = None
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.state = "starting"  # starting -> ready -> draining -> stopping
+        self.state = State.STARTING
+        self._make_predictor = self._configured_predictor if make_predictor is None else make_predictor
         self._model: LoadedModel | None = None
         self._reload_lock = threading.Lock()  # one reload at a time
         self.in_flight = 0  # /predict requests admitted and not yet answered (event-loop thread only)
@@ -170,17 +233,21 @@ class ModelService:
 
     @property
     def ready(self) -> bool:
-        return self.state == "ready"
+        return self.state is State.READY
 
     @property
     def model(self) -> LoadedModel:
         if self._model is None:
-            raise ApiError(503, "not_ready", "the model is not loaded yet")
+            raise self.not_ready()
         return self._model
 
     @property
     def batcher(self) -> DynamicBatcher | None:
         return self._batcher
+
+    def _configured_predictor(self, model: torch.nn.Module, device: torch.device) -> Predictor:
+        s = self.settings
+        return build_predictor(model, device, s.backend, s.precision, s.layout, threads=self.torch_threads)
 
     def start(self) -> None:
         """Blocking: resolve the device, load, warm up, start the threads. Raises StartupError."""
@@ -189,13 +256,15 @@ class ModelService:
             self.device = resolve_device(s.device)
         except ValueError as exc:
             raise StartupError(f"{exc} (set {env_name('device')})") from None
-        try:
-            loaded = load_model(s.weights, self.device)
-        except CheckpointError as exc:
-            raise StartupError(f"{exc} (set {env_name('weights')} to a FinalModel checkpoint)") from None
         self.workers = s.resolved_workers(self.device.type)
         self.torch_threads = s.resolved_torch_threads(self.device.type)
         torch.set_num_threads(self.torch_threads)  # process-wide, shared by every worker
+        try:
+            loaded = load_model(s.weights, self.device, self._make_predictor)
+        except CheckpointError as exc:
+            raise StartupError(f"{exc} (set {env_name('weights')} to a FinalModel checkpoint)") from None
+        except PredictorError as exc:
+            raise StartupError(f"{exc} (set {env_name('backend')} and {env_name('precision')})") from None
 
         started = time.perf_counter()
         if s.warmup:
@@ -214,20 +283,18 @@ class ModelService:
         self._batcher.start()
         self.metrics.queue_images.set_function(lambda: self._batcher.pending if self._batcher else 0)
         self.metrics.in_flight.set_function(lambda: self.in_flight)
-        self.state = "ready"
+        self.state = State.READY
         self.metrics.ready.set(1)
         accuracy = "not recorded" if loaded.test_accuracy is None else f"{100 * loaded.test_accuracy:.2f}%"
         log.info(
-            "serving %s from %s (sha256 %s..., test accuracy %s) on device %s, %s; %d inference worker(s) "
-            "x %d torch thread(s); batching %s (up to %d images, %.1f ms); %s",
+            "serving %s from %s (sha256 %s..., test accuracy %s) on %s; %d inference worker(s); "
+            "batching %s (up to %d images, %.1f ms); %s",
             MODEL_NAME,
             s.weights,
             loaded.sha256[:12],
             accuracy,
-            self.device,
-            str(loaded.dtype).removeprefix("torch."),
+            loaded.predictor.info.describe(),
             self.workers,
-            self.torch_threads,
             "on" if s.batching else "off",
             s.max_batch_size,
             s.max_wait_ms,
@@ -243,6 +310,7 @@ class ModelService:
     def swap(self, loaded: LoadedModel) -> None:
         """Serve `loaded` from the next batch on (one reference assignment, atomic)."""
         self._model = loaded
+        info = loaded.predictor.info
         self.metrics.model_info.info(
             {
                 "name": MODEL_NAME,
@@ -251,7 +319,11 @@ class ModelService:
                 "trained_at": str(loaded.meta.get("created_at", "")),
                 "loaded_at": loaded.loaded_at,
                 "device": str(loaded.device),
-                "dtype": str(loaded.dtype).removeprefix("torch."),
+                "dtype": dtype_name(info.precision),
+                "backend": info.backend,
+                "precision": info.precision,
+                "layout": info.layout,
+                "threads": str(info.threads),
                 "parameters": str(loaded.total_params),
                 "test_accuracy": "" if loaded.test_accuracy is None else f"{loaded.test_accuracy:.4f}",
             }
@@ -265,15 +337,18 @@ class ModelService:
         """Blocking: load, check and warm up `weights` (default: the configured file), then swap it in.
 
         Returns (previous, new). Raises CheckpointError for a file that fails any check (the old
-        weights keep serving) and ApiError 503 unless the service is ready. Concurrent reloads
-        run one after the other.
+        weights keep serving) and NotReady unless the service is ready. Concurrent reloads run
+        one after the other.
         """
         path = Path(weights) if weights is not None else self.settings.weights
         with self._reload_lock:
             if not self.ready or self.device is None:
-                raise self.not_ready_error()
+                raise self.not_ready()
             try:
-                loaded = load_model(path, self.device)
+                loaded = load_model(path, self.device, self._make_predictor)
+            except PredictorError as exc:
+                self.metrics.reloads.labels("refused").inc()
+                raise CheckpointError(f"weights file {path} cannot be served here: {exc}") from None
             except CheckpointError:
                 self.metrics.reloads.labels("refused").inc()
                 raise
@@ -292,9 +367,9 @@ class ModelService:
         return previous, loaded
 
     def begin_drain(self) -> None:
-        """Readiness turns false and new /predict requests get 503; admitted ones carry on."""
-        if self.state == "ready":
-            self.state = "draining"
+        """Readiness turns false and new requests are refused; admitted ones carry on."""
+        if self.state is State.READY:
+            self.state = State.DRAINING
             self.metrics.ready.set(0)
 
     async def drain(self, timeout_s: float | None = None) -> bool:
@@ -308,8 +383,8 @@ class ModelService:
         return self.in_flight == 0
 
     def begin_shutdown(self) -> None:
-        if self.state in ("ready", "draining"):
-            self.state = "stopping"
+        if self.state in (State.READY, State.DRAINING):
+            self.state = State.STOPPING
             self.metrics.ready.set(0)
 
     def stop(self) -> None:
@@ -320,6 +395,10 @@ class ModelService:
         if self._decode_pool is not None:
             self._decode_pool.shutdown(wait=True, cancel_futures=True)
 
+    def not_ready(self) -> NotReady:
+        what = "is still loading the model" if self.state is State.STARTING else "is shutting down"
+        return NotReady(f"the service {what}; retry shortly")
+
     # -- inference --------------------------------------------------------------------------
 
     def _run_batch(self, images: torch.Tensor) -> list[tuple[list[float], LoadedModel]]:
@@ -329,21 +408,13 @@ class ModelService:
         return [(row, loaded) for row in probs.tolist()]
 
     def _decode_all(self, uploads: list[Upload], max_pixels: int) -> torch.Tensor:
-        """All of a request's uploads -> uint8 (k, 3, 32, 32); every bad file named in one ApiError."""
+        """All of a request's uploads -> uint8 (k, 3, 32, 32); every bad file named in one BadUploads."""
         tensors, problems = [], []
         for index, upload in enumerate(uploads):
             try:
                 tensors.append(read_upload(upload.file, max_pixels))
             except UploadError as exc:
-                problems.append(
-                    FileProblem(
-                        index=index,
-                        filename=upload.filename,
-                        status=exc.status,
-                        code=exc.code,
-                        detail=exc.message,
-                    )
-                )
+                problems.append(UploadProblem(index=index, filename=upload.filename, error=exc))
         if problems:
             first = problems[0]
             name = f" ({first.filename!r})" if first.filename else ""
@@ -352,12 +423,7 @@ class ModelService:
                 more = f"; {len(problems) - 1} more of the {len(uploads)} files are bad too (see 'files')"
             elif len(uploads) > 1:
                 more = f"; no predictions were made for the other {len(uploads) - 1} file(s)"
-            raise ApiError(
-                first.status,
-                first.code,
-                f"file {first.index + 1}{name}: {first.detail}{more}",
-                files=problems,
-            )
+            raise BadUploads(f"file {first.index + 1}{name}: {first.error.message}{more}", problems)
         return torch.stack(tensors)
 
     def _decode_small(self, uploads: list[Upload]) -> torch.Tensor | None:
@@ -371,22 +437,23 @@ class ModelService:
             return None
         try:
             return self._decode_all(uploads, min(INLINE_DECODE_PIXELS, self.settings.max_pixels))
-        except ApiError as exc:
-            if any(problem.code == "too_many_pixels" for problem in exc.files or ()):
+        except BadUploads as exc:
+            if any(problem.error.code == "too_many_pixels" for problem in exc.problems):
                 return None  # the threads decide it, with the real limit
             raise
 
     def admit(self) -> Arrival:
-        """Called as a /predict request starts to arrive, before its body is read; raises ApiError.
+        """Called as an inference request starts to arrive, before its body is read.
 
-        An admitted request counts as in flight until `request_done()` (the middleware calls it
-        once the answer is sent); draining waits for that count to reach zero.
+        Raises NotReady or AtCapacity. An admitted request counts as in flight until
+        `request_done()` (the middleware calls it once the answer is sent); draining waits for
+        that count to reach zero.
         """
         batcher = self._batcher
         if not self.ready or batcher is None:
-            raise self.not_ready_error()
+            raise self.not_ready()
         if batcher.full():
-            raise self.queue_full_error(f"{batcher.pending} images waiting")
+            raise AtCapacity(f"the service is at capacity ({batcher.pending} images waiting); retry shortly")
         arrival = batcher.announce()
         self.in_flight += 1
         return arrival
@@ -394,30 +461,31 @@ class ModelService:
     def request_done(self) -> None:
         self.in_flight -= 1
 
-    async def predict(
+    async def classify(
         self, uploads: list[Upload], top_k: int, arrival: Arrival | None = None
-    ) -> PredictResponse:
-        """Decode, queue, wait for the batch, and return per-image results in upload order."""
+    ) -> Classification:
+        """Decode, queue, wait for the batch; per-image probabilities in upload order.
+
+        Raises NotReady, AtCapacity, NoImages, TooManyFiles or BadUploads.
+        """
         started = time.perf_counter()
         batcher, pool = self._batcher, self._decode_pool
         # While draining, requests admitted before it began are still served.
-        if self.state not in ("ready", "draining") or batcher is None or pool is None:
-            raise self.not_ready_error()
+        if self.state not in (State.READY, State.DRAINING) or batcher is None or pool is None:
+            raise self.not_ready()
         if not uploads:
-            raise ApiError(422, "invalid_request", "no images: send one or more files in the field 'file'")
+            raise NoImages("no images: send one or more files in the field 'file'")
         if len(uploads) > self.settings.max_files:
-            raise ApiError(
-                413,
-                "too_many_files",
+            raise TooManyFiles(
                 f"{len(uploads)} files in one request; at most {self.settings.max_files} "
-                f"(set {env_name('max_files')})",
+                f"(set {env_name('max_files')})"
             )
         try:
             ticket = batcher.reserve(len(uploads))
         except QueueFull as exc:
-            raise self.queue_full_error(str(exc)) from None
+            raise AtCapacity(f"the service is at capacity ({exc}); retry shortly") from None
         except BatcherClosed:
-            raise self.not_ready_error() from None
+            raise self.not_ready() from None
 
         loop = asyncio.get_running_loop()
         decode_started = time.perf_counter()
@@ -440,106 +508,35 @@ class ModelService:
         try:
             job = batcher.submit(ticket, images, deliver, arrival)
         except BatcherClosed:
-            raise self.not_ready_error() from None
+            raise self.not_ready() from None
         try:
             results = await done
         except asyncio.CancelledError:
             job.cancel()
             raise
-        if len({id(r.output[1]) for r in results}) > 1:
+        loaded: LoadedModel = results[0].output[1]
+        probabilities = [r.output[0] for r in results]
+        if any(r.output[1] is not loaded for r in results):
             # A reload landed between this request's batches: answer from the new weights alone.
             loaded = self.model
-            probs = await asyncio.to_thread(loaded.probabilities, images)
-            results = [
-                ItemResult((row, loaded), r.queue_s, r.run_s, r.batch_size)
-                for row, r in zip(probs.tolist(), results, strict=True)
-            ]
-        return self._answer(uploads, results, top_k, decode_s, started)
-
-    def _answer(
-        self, uploads: list[Upload], results: list[ItemResult], top_k: int, decode_s: float, started: float
-    ) -> PredictResponse:
-        predictions, best = [], []
-        for upload, result in zip(uploads, results, strict=True):
-            probs: list[float] = result.output[0]
-            order = sorted(range(len(probs)), key=probs.__getitem__, reverse=True)[:top_k]
-            best.append(order[0])
-            predictions.append(
-                Prediction(
-                    filename=upload.filename,
-                    label=CLASSES[order[0]],
-                    index=order[0],
-                    confidence=probs[order[0]],
-                    top_k=[ClassProbability(label=CLASSES[i], probability=probs[i]) for i in order],
-                )
-            )
-        self.metrics.count_labels(best)
-        loaded: LoadedModel = results[0].output[1]
-        return PredictResponse(
-            predictions=predictions,
-            model=ModelRef(name=MODEL_NAME, sha256=loaded.sha256, device=str(loaded.device)),
-            timing=Timing(
-                total_ms=1000 * (time.perf_counter() - started),
-                decode_ms=1000 * decode_s,
-                queue_ms=1000 * max(r.queue_s for r in results),
-                inference_ms=1000 * max(r.run_s for r in results),
-                batch_size=max(r.batch_size for r in results),
-            ),
+            probabilities = (await asyncio.to_thread(loaded.probabilities, images)).tolist()
+        self.metrics.count_labels([max(range(len(p)), key=p.__getitem__) for p in probabilities])
+        return Classification(
+            filenames=[u.filename for u in uploads],
+            probabilities=probabilities,
+            top_k=top_k,
+            model=loaded,
+            decode_s=decode_s,
+            queue_s=max(r.queue_s for r in results),
+            run_s=max(r.run_s for r in results),
+            batch_size=max(r.batch_size for r in results),
+            total_s=time.perf_counter() - started,
         )
 
-    def summary(self) -> ModelSummary:
-        loaded, s = self.model, self.settings
-        return ModelSummary(
-            model=MODEL_NAME,
-            total_params=loaded.total_params,
-            trainable_params=loaded.trainable_params,
-            non_trainable_params=loaded.total_params - loaded.trainable_params,
-            input_shape=list(INPUT_SHAPE),
-            layers=[
-                LayerInfo(name=r.name, type=r.type, output_shape=list(r.output_shape), params=r.params)
-                for r in loaded.layers
-            ],
-            device=str(loaded.device),
-            dtype=str(loaded.dtype).removeprefix("torch."),
-            classes=list(CLASSES),
-            normalization=Normalization(mean=list(MEAN), std=list(STD)),
-            sha256=loaded.sha256,
-            weights_file=loaded.weights_file,
-            loaded_at=loaded.loaded_at,
-            checkpoint=loaded.meta,
-            serving=ServingInfo(
-                batching=s.batching,
-                max_batch_size=s.max_batch_size,
-                max_wait_ms=s.max_wait_ms,
-                max_queue_size=s.max_queue_size,
-                workers=self.workers,
-                torch_threads=self.torch_threads,
-                max_files=s.max_files,
-                max_body_bytes=s.max_body_bytes,
-                max_pixels=s.max_pixels,
-            ),
-        )
 
-    def summary_text(self) -> str:
-        loaded = self.model
-        return format_layer_table(loaded.layers, loaded.total_params, loaded.trainable_params)
-
-    def not_ready_error(self) -> ApiError:
-        what = "is still loading the model" if self.state == "starting" else "is shutting down"
-        return ApiError(
-            503,
-            "not_ready",
-            f"the service {what}; retry shortly",
-            headers={"Retry-After": str(self.settings.retry_after_s)},
-        )
-
-    def queue_full_error(self, why: str) -> ApiError:
-        return ApiError(
-            503,
-            "queue_full",
-            f"the service is at capacity ({why}); retry shortly",
-            headers={"Retry-After": str(self.settings.retry_after_s)},
-        )
+def dtype_name(precision: str) -> str:
+    """The compute dtype as torch names it: fp32 -> float32, bf16 -> bfloat16."""
+    return {"fp32": "float32", "bf16": "bfloat16"}.get(precision, precision)
 
 
 def _settle_future(future: asyncio.Future, result: Any) -> None:

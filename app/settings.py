@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -38,6 +38,22 @@ class Settings(BaseSettings):
         description="Checkpoint to serve: ours (training's output) or a bare FinalModel state_dict.",
     )
     device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
+
+    backend: Literal["auto", "pytorch", "onnxruntime"] = Field(
+        "auto",
+        description="What runs the forward pass. auto: the fastest backend whose labels equal PyTorch "
+        "fp32's on the whole test split, measured (README): onnxruntime on cpu, pytorch elsewhere.",
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="auto is fp32. bf16 (pytorch only: autocast) is faster on GPUs and CPUs with native "
+        "bf16, and changes a few labels (README: its evaluated accuracy).",
+    )
+    layout: Literal["auto", "nchw", "channels_last"] = Field(
+        "auto",
+        description="Activation memory layout of the pytorch backend; auto: channels_last on cpu and "
+        "cuda, nchw on mps.",
+    )
 
     batching: bool = Field(True, description="Gather concurrent requests into shared forward passes.")
     max_batch_size: Annotated[int, Field(ge=1, le=1024)] = Field(
@@ -68,7 +84,8 @@ class Settings(BaseSettings):
     )
     torch_threads: Annotated[int, Field(ge=0, le=256)] = Field(
         0,
-        description="PyTorch intra-op threads (process-wide); 0: CPU cores divided by workers, at least 1.",
+        description="Intra-op threads of a forward pass (PyTorch's are process-wide, ONNX Runtime's per "
+        "session); 0: CPU cores divided by workers, at least 1.",
     )
     decode_threads: Annotated[int, Field(ge=0, le=256)] = Field(
         0, description="Threads that decode uploads, in parallel with inference; 0: one per CPU core."
@@ -145,6 +162,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
+        if self.backend == "onnxruntime" and self.precision == "bf16":
+            raise ValueError("precision bf16 needs backend pytorch (or auto); onnxruntime runs fp32")
         if self.max_files > self.max_queue_size:
             raise ValueError(
                 f"max_files ({self.max_files}) must not exceed max_queue_size ({self.max_queue_size}), "

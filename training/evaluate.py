@@ -2,6 +2,11 @@
 
     python -m training.evaluate --weights weights/final_model.pt --data cifar10-jpeg.tar.gz [--tta]
     python -m training.evaluate ... --check-service   # and the served labels must agree with it
+    python -m training.evaluate ... --backend onnxruntime --check-service   # the same, for that backend
+
+The forward pass is the service's own (`app.predictor`), for any backend and precision the
+service offers; a backend other than PyTorch fp32 NCHW also reports how many labels differ from
+PyTorch fp32's, and --check-service then starts the service on that same backend.
 """
 
 from __future__ import annotations
@@ -19,14 +24,35 @@ import torch
 from app.checkpoint import CheckpointError, build_model, load_checkpoint
 from app.device import DEVICE_CHOICES, autocast_dtype, resolve_device
 from app.model import CLASSES
-from app.preprocess import normalize
+from app.predictor import (
+    BACKENDS,
+    LAYOUTS,
+    PRECISIONS,
+    Predictor,
+    PredictorError,
+    TorchPredictor,
+    build_predictor,
+)
 from training.data import DataError, Split, limit_index, load_cifar10, test_split_files
 from training.served import ServiceError, local_service, served_labels
 
 log = logging.getLogger(__name__)
 
 
-@torch.no_grad()
+def predict_logits(predictor: Predictor, images: torch.Tensor, batch_size: int = 100,
+                   tta: bool = False) -> torch.Tensor:
+    """Logits (N, 10) on the CPU for uint8 images (N, 3, 32, 32) through `predictor`, the service's
+    forward pass; `tta` averages with the mirror image."""
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = images[start : start + batch_size]
+        logits = predictor.logits(x)
+        if tta:
+            logits = (logits + predictor.logits(x.flip(3))) / 2
+        out.append(logits)
+    return torch.cat(out) if out else torch.empty(0, len(CLASSES))
+
+
 def predict(
     model: torch.nn.Module,
     images: torch.Tensor,
@@ -35,19 +61,10 @@ def predict(
     tta: bool = False,
     amp: bool = False,
 ) -> torch.Tensor:
-    """Logits (N, 10) on the CPU for uint8 images (N, 3, 32, 32); `tta` averages with the mirror."""
-    model.eval()
-    dtype = autocast_dtype(device) if amp else None
-    cast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = normalize(images[start : start + batch_size].to(device))
-        with cast:
-            logits = model(x).float()
-            if tta:
-                logits = (logits + model(x.flip(3)).float()) / 2
-        out.append(logits.cpu())
-    return torch.cat(out) if out else torch.empty(0, len(CLASSES))
+    """Logits (N, 10) on the CPU for uint8 images (N, 3, 32, 32) from `model` on `device` (PyTorch,
+    NCHW, the model left as it is but for eval()); `amp`: bf16 autocast where it pays."""
+    precision = "bf16" if amp and autocast_dtype(device) is not None else "fp32"
+    return predict_logits(TorchPredictor(model, device, precision=precision), images, batch_size, tta)
 
 
 def summarize(logits: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -92,8 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=".cache/data", help="where archives are unpacked and decoded")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="auto: cuda, mps, cpu")
     p.add_argument("--tta", action="store_true", help="also report horizontal-flip test-time augmentation")
+    p.add_argument("--backend", default="pytorch", choices=BACKENDS,
+                   help="what runs the forward pass (a service backend); --check-service serves the same")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="bf16: autocast, pytorch only (changes a few labels; recorded figures are fp32)")
+    p.add_argument("--layout", default="nchw", choices=LAYOUTS,
+                   help="activation layout of the pytorch backend")
     p.add_argument("--amp", action="store_true",
-                   help="bf16 autocast for speed (the reported figures default to float32)")
+                   help="--precision bf16 where the device has native bf16 (CUDA, some CPUs), else fp32")
     p.add_argument("--batch-size", type=int, default=100, help="images per forward pass")
     p.add_argument("--limit", type=int, default=0, help="evaluate only this many test images (0: all)")
     p.add_argument("--out", default=None,
@@ -117,7 +140,11 @@ def check_service(args, device: torch.device, files: list, logits: torch.Tensor,
                   labels: torch.Tensor) -> dict:
     """Served labels against `logits`' argmax for the same files; prints a summary and disagreements."""
     started = time.perf_counter()
-    service = nullcontext(args.service_url) if args.service_url else local_service(args.weights, device.type)
+    if args.service_url:
+        service = nullcontext(args.service_url)
+    else:
+        service = local_service(args.weights, device.type, backend=args.backend, precision=args.precision,
+                                layout=args.layout)
     with service as url:
         served = torch.tensor(served_labels(url, [path for path, _ in files]))
     evaluated = logits.argmax(1)
@@ -149,6 +176,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = resolve_device(args.device)
     model.to(device)
+    if args.amp and autocast_dtype(device) is not None:
+        args.precision = "bf16"
+    reference = (args.backend, args.precision, args.layout) == ("pytorch", "fp32", "nchw")
+    try:
+        predictor = build_predictor(model, device, args.backend, args.precision, args.layout,
+                                    threads=torch.get_num_threads())
+    except PredictorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     index = limit_index(len(data.test), args.limit or len(data.test), seed=0)
     test = data.test.subset(index)
     if files is not None:
@@ -158,18 +194,28 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         files = [files[i] for i in index.tolist()]
     started = time.perf_counter()
-    logits = predict(model, test.images, device, args.batch_size, amp=args.amp)
+    logits = predict_logits(predictor, test.images, args.batch_size)
+    info = predictor.info
     result = {"weights": args.weights, "sha256": ckpt.sha256, "data": args.data,
               "data_fingerprint": data.fingerprint, "device": str(device),
+              "inference": {"backend": info.backend, "precision": info.precision, "layout": info.layout,
+                            "threads": info.threads},
               "test": summarize(logits, test.labels)}
     if args.tta:
-        tta_logits = predict(model, test.images, device, args.batch_size, tta=True, amp=args.amp)
+        tta_logits = predict_logits(predictor, test.images, args.batch_size, tta=True)
         result["test_tta"] = summarize(tta_logits, test.labels)
     seconds = time.perf_counter() - started
 
     acc = result["test"]["accuracy"]
     print(f"test accuracy: {100 * acc:.2f}% on {len(test):,} images ({args.data}), "
-          f"{seconds:.1f}s on {device}")
+          f"{seconds:.1f}s on {info.describe()}")
+    if not reference:
+        fp32 = predict(model, test.images, device, args.batch_size)  # PyTorch fp32 NCHW
+        differ = int((fp32.argmax(1) != logits.argmax(1)).sum())
+        fp32_acc = summarize(fp32, test.labels)["accuracy"]
+        result["pytorch_fp32"] = {"accuracy": fp32_acc, "labels_differ": differ}
+        print(f"labels that differ from PyTorch fp32 NCHW: {differ:,} of {len(test):,} "
+              f"(its accuracy {100 * fp32_acc:.2f}%)")
     if args.tta:
         print(f"test accuracy with flip TTA: {100 * result['test_tta']['accuracy']:.2f}%")
     print(format_per_class(result["test"]))

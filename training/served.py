@@ -77,10 +77,13 @@ def _free_port() -> int:
 
 
 @contextmanager
-def local_service(weights: str | Path, device: str = "cpu", timeout: float = 120.0) -> Iterator[str]:
-    """`uvicorn app.main:app` on a free loopback port serving `weights`; yields its base URL."""
+def local_service(weights: str | Path, device: str = "cpu", timeout: float = 120.0, backend: str = "auto",
+                  precision: str = "auto", layout: str = "auto") -> Iterator[str]:
+    """`uvicorn app.main:app` on a free loopback port serving `weights` with the given backend,
+    precision and layout (the service's settings); yields its base URL."""
     port = _free_port()
     env = {**os.environ, "CIFAR10_WEIGHTS": str(weights), "CIFAR10_DEVICE": device,
+           "CIFAR10_BACKEND": backend, "CIFAR10_PRECISION": precision, "CIFAR10_LAYOUT": layout,
            "CIFAR10_MAX_FILES": str(FILES_PER_REQUEST), "CIFAR10_LOG_LEVEL": "WARNING"}
     cmd = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port),
            "--log-level", "warning", "--no-access-log"]

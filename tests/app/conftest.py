@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 from app.checkpoint import save_checkpoint
 from app.main import create_app
 from app.model import FinalModel
+from app.predictor import Predictor, build_predictor
 from app.preprocess import normalize
 from app.settings import ENV_PREFIX, Settings
 
@@ -48,6 +49,33 @@ def distinct_model(seed: int = 0) -> FinalModel:
         model.eval()
         model.fc.weight.mul_(20)
     return model
+
+
+class HookedPredictor(Predictor):
+    """The configured predictor for a model, with a hook a test sets: `on_forward()` runs at the start
+    of every forward pass while it is set (to hold a batch, to swap the model...), and `calls`
+    records the batch sizes it saw meanwhile."""
+
+    def __init__(self, inner: Predictor) -> None:
+        self.inner = inner
+        self.info = inner.info
+        self.on_forward: Callable[[], None] | None = None
+        self.calls: list[int] = []
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        hook = self.on_forward
+        if hook is not None:
+            self.calls.append(len(images))
+            hook()
+        return self.inner.logits(images)
+
+
+class HookedPredictors(list):
+    """A predictor factory for `create_app` that keeps every HookedPredictor it made, newest last."""
+
+    def __call__(self, model: torch.nn.Module, device: torch.device) -> Predictor:
+        self.append(HookedPredictor(build_predictor(model, device, threads=1)))
+        return self[-1]
 
 
 @pytest.fixture(autouse=True)
@@ -87,11 +115,12 @@ def make_settings(weights):
 
 @pytest.fixture(scope="session")
 def serve(make_settings):
-    """serve(**overrides) -> context manager yielding a TestClient with the lifespan running."""
+    """serve(**overrides) -> context manager yielding a TestClient with the lifespan running;
+    `make_predictor=` hands the service a predictor factory of the test's own."""
 
     @contextlib.contextmanager
-    def run(**overrides) -> Iterator[TestClient]:
-        with TestClient(create_app(make_settings(**overrides))) as client:
+    def run(make_predictor=None, **overrides) -> Iterator[TestClient]:
+        with TestClient(create_app(make_settings(**overrides), make_predictor)) as client:
             yield client
 
     return run

@@ -10,14 +10,13 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
 
 import pytest
 import torch
 
 from app.batching import DynamicBatcher, QueueFull
-from app.service import LoadedModel
 
+from .conftest import HookedPredictors
 from .images import png_bytes
 
 WAIT = 10.0  # seconds a test waits for something that should happen at once
@@ -296,32 +295,25 @@ def test_with_batching_off_every_request_is_its_own_forward_pass(serve):
         assert metric(text, "cifar10_batch_size_count") == metric(text, "cifar10_batch_size_sum") == 12
 
 
-@dataclass(frozen=True, eq=False)
-class HeldModel(LoadedModel):
-    """The served model, held inside its forward pass until `gate` opens (a stand-in for a slow model)."""
-
-    gate: threading.Event = field(default_factory=threading.Event)
-    entered: threading.Event = field(default_factory=threading.Event)
-
-    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        self.entered.set()
-        assert self.gate.wait(WAIT)
-        return super().probabilities(images)
-
-
 def test_a_full_queue_answers_503_with_retry_after(serve):
     """One worker held inside a forward pass, a queue of two images filled: the next requests are
     refused at once (well under FAST_503_S, the model being stuck), before their bodies are read;
     the held ones then finish normally, and the very next request is served."""
-    with serve(workers=1, max_queue_size=2, max_files=2, retry_after_s=3) as client:
+    predictors = HookedPredictors()
+    with serve(predictors, workers=1, max_queue_size=2, max_files=2, retry_after_s=3) as client:
         service = client.app.state.service
-        served = service.model
-        held = HeldModel(**{f.name: getattr(served, f.name) for f in fields(LoadedModel)})
-        service.swap(held)
+        [held] = predictors
+        gate, entered = threading.Event(), threading.Event()
+
+        def hold() -> None:  # a stand-in for a slow model: the forward pass waits for the gate
+            entered.set()
+            assert gate.wait(WAIT)
+
+        held.on_forward = hold
         try:
             with ThreadPoolExecutor(2) as pool:
                 running = pool.submit(client.post, "/predict", files=[("file", ("a.png", png_bytes(1)))])
-                assert held.entered.wait(WAIT)
+                assert entered.wait(WAIT)
                 two = [("file", (f"{i}.png", png_bytes(i))) for i in (2, 3)]
                 queued = pool.submit(client.post, "/predict", files=two)
                 deadline = time.monotonic() + WAIT
@@ -334,12 +326,12 @@ def test_a_full_queue_answers_503_with_retry_after(serve):
                     assert r.status_code == 503
                     assert r.headers["retry-after"] == "3"
                     assert r.json()["code"] == "queue_full"
-                held.gate.set()
+                gate.set()
                 assert running.result(WAIT).status_code == 200
                 assert queued.result(WAIT).status_code == 200
         finally:
-            held.gate.set()
-            service.swap(served)
+            gate.set()
+            held.on_forward = None
         assert client.post("/predict", files=[("file", ("d.png", png_bytes(5)))]).status_code == 200
         assert (
             metric(client.get("/metrics").text, 'cifar10_rejected_requests_total{reason="queue_full"}') == 3

@@ -41,12 +41,20 @@ def test_after_shutdown_ready_turns_503(make_settings):
     assert TestClient(app).get("/health/ready").json()["status"] == "stopping"
 
 
-def test_startup_logs_the_device_and_warm_up(make_settings, caplog):
+@pytest.mark.parametrize(
+    ("backend", "named"),
+    [
+        ("onnxruntime", "backend onnxruntime, precision fp32, 1 thread(s)"),
+        ("pytorch", "backend pytorch, precision fp32, layout channels_last, 1 thread(s)"),
+    ],
+)
+def test_startup_logs_the_device_backend_and_warm_up(make_settings, caplog, backend, named):
     caplog.set_level(logging.INFO, logger="app")
-    with TestClient(create_app(make_settings())):
+    with TestClient(create_app(make_settings(backend=backend))):
         pass
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("serving FinalModel")]
-    assert "on device cpu" in line and "warm-up took" in line and "test accuracy 50.00%" in line
+    assert "on device cpu, " + named in line
+    assert "warm-up took" in line and "test accuracy 50.00%" in line
 
 
 def test_missing_weights_stop_startup_with_one_sentence(make_settings, tmp_path):

@@ -6,7 +6,6 @@ import io
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import pytest
@@ -15,9 +14,9 @@ import torch
 from app.checkpoint import FORMAT, build_model, file_sha256, load_checkpoint, save_checkpoint
 from app.imaging import read_upload
 from app.model import CLASSES
-from app.service import LoadedModel, load_model
+from app.service import load_model
 
-from .conftest import CHECKPOINT_META
+from .conftest import CHECKPOINT_META, HookedPredictors
 from .images import png_bytes
 from .test_batching import metric
 
@@ -203,31 +202,19 @@ def test_no_request_fails_or_mixes_weights_while_weights_swap(serve, weights, ot
             assert matches(prediction, probabilities)
 
 
-@dataclass(frozen=True, eq=False)
-class SwappingModel(LoadedModel):
-    """Swaps `then` in right after its first forward pass: a reload landing between two batches."""
-
-    then: LoadedModel | None = None
-    service: object = None
-    calls: list = field(default_factory=list)
-
-    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        self.calls.append(len(images))
-        out = super().probabilities(images)
-        if len(self.calls) == 1:
-            self.service.swap(self.then)
-        return out
-
-
 def test_a_request_split_across_a_swap_is_answered_by_the_new_weights_alone(serve, other_weights):
-    with serve(workers=1, max_batch_size=1, warmup=False) as client:
+    """A reload lands during the first of a request's two batches (the first forward pass swaps)."""
+    predictors = HookedPredictors()
+    with serve(predictors, workers=1, max_batch_size=1, warmup=False) as client:
         service = client.app.state.service
-        served = service.model
+        [swapping] = predictors
         new = load_model(other_weights, torch.device("cpu"))
-        swapping = SwappingModel(
-            **{f.name: getattr(served, f.name) for f in fields(LoadedModel)}, then=new, service=service
-        )
-        service.swap(swapping)
+
+        def swap_once() -> None:
+            swapping.on_forward = None
+            service.swap(new)
+
+        swapping.on_forward = swap_once
         answer = predict(client, 21, 22)
         assert answer.status_code == 200
         assert swapping.calls == [1]  # image 1 on the old weights, then the swap

@@ -109,16 +109,16 @@ def test_uploads_are_never_written_under_the_client_name(client, monkeypatch, tm
     assert buffer.tell() > 1024 * 1024  # over starlette's in-memory spool size
     service = client.app.state.service
     seen = []
-    original = service.predict
+    original = service.classify
 
-    async def spying_predict(uploads, *args, **kwargs):
+    async def spying_classify(uploads, *args, **kwargs):
         for upload in uploads:
             seen.append(
                 (upload.filename, upload.file, getattr(upload.file, "_rolled", None), os.listdir(tmp_path))
             )
         return await original(uploads, *args, **kwargs)
 
-    monkeypatch.setattr(service, "predict", spying_predict)
+    monkeypatch.setattr(service, "classify", spying_classify)
     hostile = "../../../../tmp/pwned.png"
     r = client.post("/predict", files=[("file", (hostile, buffer.getvalue(), "image/png"))])
     assert r.status_code == 200

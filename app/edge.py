@@ -1,0 +1,148 @@
+"""The HTTP edge of the model service: domain results and errors -> statuses, bodies and headers.
+
+`ModelService` (app.service) answers in `Classification`s and raises `ServiceError`s; only this
+module knows which status each error gets, which carry Retry-After, and how a classification
+becomes a `PredictResponse`. The route and the fast path both answer through `predict_response`,
+so their bodies are the same; `install_service_errors` lets routes simply let a domain error
+rise.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from app.errors import ApiError, FileProblem, error_response
+from app.model import CLASSES, INPUT_SHAPE, MEAN, MODEL_NAME, STD
+from app.schemas import (
+    ClassProbability,
+    InferenceInfo,
+    LayerInfo,
+    ModelRef,
+    ModelSummary,
+    Normalization,
+    Prediction,
+    PredictResponse,
+    ServingInfo,
+    Timing,
+)
+from app.service import (
+    AtCapacity,
+    BadUploads,
+    Classification,
+    ModelService,
+    NoImages,
+    NotReady,
+    ServiceError,
+    TooManyFiles,
+    dtype_name,
+)
+
+_STATUS: dict[type[ServiceError], int] = {
+    NotReady: 503,
+    AtCapacity: 503,
+    NoImages: 422,
+    TooManyFiles: 413,
+}
+
+
+def api_error(error: ServiceError, retry_after_s: int) -> ApiError:
+    """The answer to a domain error: its status, body and (for 503) Retry-After."""
+    if isinstance(error, BadUploads):
+        files = [
+            FileProblem(
+                index=p.index,
+                filename=p.filename,
+                status=p.error.status,
+                code=p.error.code,
+                detail=p.error.message,
+            )
+            for p in error.problems
+        ]
+        return ApiError(files[0].status, error.code, error.message, files=files)
+    status = _STATUS.get(type(error), 500)
+    headers = {"Retry-After": str(retry_after_s)} if status == 503 else None
+    return ApiError(status, error.code, error.message, headers=headers)
+
+
+def install_service_errors(app: FastAPI) -> None:
+    """Routes let ServiceErrors rise; they are answered (and counted) like ApiErrors."""
+
+    async def handle(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ServiceError)
+        error = api_error(exc, request.app.state.settings.retry_after_s)
+        metrics = getattr(request.app.state, "metrics", None)
+        if metrics is not None:
+            metrics.rejected.labels(error.code).inc()
+        return error_response(error)
+
+    app.add_exception_handler(ServiceError, handle)
+
+
+def predict_response(result: Classification) -> PredictResponse:
+    predictions = []
+    for filename, probs in zip(result.filenames, result.probabilities, strict=True):
+        order = sorted(range(len(probs)), key=probs.__getitem__, reverse=True)[: result.top_k]
+        predictions.append(
+            Prediction(
+                filename=filename,
+                label=CLASSES[order[0]],
+                index=order[0],
+                confidence=probs[order[0]],
+                top_k=[ClassProbability(label=CLASSES[i], probability=probs[i]) for i in order],
+            )
+        )
+    loaded = result.model
+    return PredictResponse(
+        predictions=predictions,
+        model=ModelRef(name=MODEL_NAME, sha256=loaded.sha256, device=str(loaded.device)),
+        timing=Timing(
+            total_ms=1000 * result.total_s,
+            decode_ms=1000 * result.decode_s,
+            queue_ms=1000 * result.queue_s,
+            inference_ms=1000 * result.run_s,
+            batch_size=result.batch_size,
+        ),
+    )
+
+
+def model_summary(service: ModelService) -> ModelSummary:
+    loaded, s = service.model, service.settings
+    info = loaded.predictor.info
+    return ModelSummary(
+        model=MODEL_NAME,
+        total_params=loaded.total_params,
+        trainable_params=loaded.trainable_params,
+        non_trainable_params=loaded.total_params - loaded.trainable_params,
+        input_shape=list(INPUT_SHAPE),
+        layers=[
+            LayerInfo(name=r.name, type=r.type, output_shape=list(r.output_shape), params=r.params)
+            for r in loaded.layers
+        ],
+        device=str(loaded.device),
+        dtype=dtype_name(info.precision),
+        inference=InferenceInfo(
+            backend=info.backend,
+            precision=info.precision,
+            device=info.device,
+            threads=info.threads,
+            layout=info.layout,
+        ),
+        classes=list(CLASSES),
+        normalization=Normalization(mean=list(MEAN), std=list(STD)),
+        sha256=loaded.sha256,
+        weights_file=loaded.weights_file,
+        loaded_at=loaded.loaded_at,
+        checkpoint=loaded.meta,
+        serving=ServingInfo(
+            batching=s.batching,
+            max_batch_size=s.max_batch_size,
+            max_wait_ms=s.max_wait_ms,
+            max_queue_size=s.max_queue_size,
+            workers=service.workers,
+            torch_threads=service.torch_threads,
+            max_files=s.max_files,
+            max_body_bytes=s.max_body_bytes,
+            max_pixels=s.max_pixels,
+        ),
+    )
