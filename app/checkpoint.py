@@ -5,7 +5,7 @@ One file, loadable with ``torch.load(path, weights_only=True)``: a dict of tenso
     {
         "format": "cifar10-cnn/checkpoint",   # marks our own files
         "format_version": 1,
-        "model": "FinalModel",
+        "model": "FinalModel",                # or "LiteModel" (app.model.ARCHITECTURES)
         "state_dict": {...},                  # the unwrapped model's tensors
         "classes": [...], "mean": [...], "std": [...], "input_shape": [3, 32, 32],
         "metrics": {...}, "config": {...}, "epoch": int, "data_fingerprint": str,
@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from app.model import CLASSES, INPUT_SHAPE, MEAN, MODEL_NAME, STD, FinalModel
+from app.model import ARCHITECTURES, CLASSES, INPUT_SHAPE, MEAN, MODEL_NAME, STD
 
 FORMAT = "cifar10-cnn/checkpoint"
 FORMAT_VERSION = 1
@@ -91,7 +91,7 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, **meta: Any
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "model": MODEL_NAME,
+        "model": type(model).__name__ if type(model).__name__ in ARCHITECTURES else MODEL_NAME,
         "classes": list(CLASSES),
         "mean": list(MEAN),
         "std": list(STD),
@@ -132,8 +132,10 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(
             f"weights file {path} is neither a cifar10-cnn checkpoint nor a bare state_dict"
         )
-    if obj.get("model") != MODEL_NAME:
-        raise CheckpointError(f"weights file {path} holds a {obj.get('model')!r}, not {MODEL_NAME}")
+    if obj.get("model") not in ARCHITECTURES:
+        raise CheckpointError(
+            f"weights file {path} holds a {obj.get('model')!r}, not one of {', '.join(ARCHITECTURES)}"
+        )
     if tuple(obj.get("classes", ())) != CLASSES:
         raise CheckpointError(f"weights file {path} was trained on other classes: {obj.get('classes')}")
     if not _is_state_dict(obj["state_dict"]):
@@ -142,10 +144,15 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(state_dict=obj["state_dict"], meta=meta, sha256=sha, path=str(path))
 
 
-def build_model(ckpt: Checkpoint) -> FinalModel:
-    """A FinalModel (eval mode, CPU) with the checkpoint's weights; refuses any mismatch."""
+def build_model(ckpt: Checkpoint, expect: str | None = None) -> torch.nn.Module:
+    """The checkpoint's network (FinalModel for a bare state_dict), eval mode, CPU, with its
+    weights; refuses any mismatch, and any other network than `expect` when it is given."""
+    name = ckpt.meta.get("model", MODEL_NAME)
+    if expect is not None and name != expect:
+        raise CheckpointError(f"weights file {ckpt.path} holds a {name}, not {expect}")
+    architecture = ARCHITECTURES[name]
     dropout = ckpt.meta.get("config", {}).get("dropout", None)
-    model = FinalModel() if dropout is None else FinalModel(dropout=float(dropout))
+    model = architecture() if dropout is None else architecture(dropout=float(dropout))
     expected = model.state_dict()
     missing = sorted(set(expected) - set(ckpt.state_dict))
     unexpected = sorted(set(ckpt.state_dict) - set(expected))
@@ -163,7 +170,7 @@ def build_model(ckpt: Checkpoint) -> FinalModel:
         if wrong_shape:
             details.append(f"{len(wrong_shape)} with the wrong shape (e.g. {sorted(wrong_shape)[0]})")
         raise CheckpointError(
-            f"weights file {ckpt.path} does not fit FinalModel: tensors {', '.join(details)}"
+            f"weights file {ckpt.path} does not fit {name}: tensors {', '.join(details)}"
         )
     model.load_state_dict(ckpt.state_dict)
     bad = [k for k, v in ckpt.state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]

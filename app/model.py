@@ -107,6 +107,48 @@ class FinalModel(nn.Module):
         return self.fc(x)  # (N, 10) logits
 
 
+class LiteModel(nn.Module):
+    """The original project's second target: under 50,000 parameters (47,648), FinalModel's blocks.
+
+    The same pattern at smaller widths: conv units, a 1x1 squeeze, and a dilated shrink per block
+    (32 -> 28 -> 24 -> 20), depthwise-separable units for the wider layers, global average pooling
+    and a bias-free linear classifier.
+    """
+
+    def __init__(self, dropout: float = DEFAULT_DROPOUT, num_classes: int = len(CLASSES)):
+        super().__init__()
+        d = dropout
+        self.c1 = nn.Sequential(
+            *_conv_unit(3, 16, d, padding=1),
+            *_conv_unit(16, 32, d, padding=1),
+            nn.Conv2d(32, 16, kernel_size=1),
+            *_shrink(16),  # 32x32 -> 28x28
+        )
+        self.c2 = nn.Sequential(
+            *_conv_unit(16, 32, d, padding=1),
+            *_separable(32, 64, d),
+            nn.Conv2d(64, 32, kernel_size=1),
+            *_shrink(32),  # 28x28 -> 24x24
+        )
+        self.c3 = nn.Sequential(
+            *_separable(32, 64, d),
+            nn.Conv2d(64, 32, kernel_size=1),
+            *_shrink(32),  # 24x24 -> 20x20
+        )
+        self.c4 = nn.Sequential(*_separable(32, 160, d))
+        self.gap = nn.AvgPool2d(kernel_size=20)
+        self.fc = nn.Linear(160, num_classes, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.c4(self.c3(self.c2(self.c1(x))))  # (N, 160, 20, 20)
+        return self.fc(self.gap(x).flatten(1))  # (N, 10) logits
+
+
+# The networks a checkpoint may hold, by the name it records; training's --model picks by key.
+ARCHITECTURES: dict[str, type[nn.Module]] = {"FinalModel": FinalModel, "LiteModel": LiteModel}
+MODEL_KEYS: dict[str, str] = {"final": "FinalModel", "lite": "LiteModel"}
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(total, trainable) parameter counts."""
     total = sum(p.numel() for p in model.parameters())

@@ -1,4 +1,5 @@
-"""Train FinalModel on CIFAR-10 and write `final_model.pt`, `last.pt`, history and pictures.
+"""Train FinalModel (or LiteModel, --model lite) on CIFAR-10 and write `final_model.pt`
+(`lite_model.pt`), `last.pt`, history and pictures.
 
     python -m training --data cifar10                                  # torchvision download
     python -m training --data path/to/cifar10-jpeg.tar.gz --epochs 24  # ImageFolder archive
@@ -10,10 +11,10 @@ device as one tensor (flip, translate, cutout). SGD with Nesterov momentum, a On
 rate, label smoothing, weight decay; bf16 autocast and channels_last where the device gains.
 The global batch size is fixed: under DDP each of the N ranks takes batch_size / N images.
 
-Files in --out: `final_model.pt` (the best epoch on the validation split, rewritten at the end
-with test metrics), `last.pt` (everything --resume needs, written every epoch and on Ctrl-C or
-SIGTERM, mid-epoch included), `history.json`, `curves.png`, `confusion_matrix.png`,
-`misclassified.png`.
+Files in --out: `final_model.pt` or `lite_model.pt` (the best epoch on the validation split,
+rewritten at the end with test metrics), `last.pt` (everything --resume needs, written every
+epoch and on Ctrl-C or SIGTERM, mid-epoch included), `history.json`, `curves.png`,
+`confusion_matrix.png`, `misclassified.png`.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from app.checkpoint import CheckpointError, atomic_torch_save, build_model, load_checkpoint, save_checkpoint
 from app.device import DEVICE_CHOICES, autocast_dtype, resolve_device
-from app.model import FinalModel
+from app.model import ARCHITECTURES, MODEL_KEYS
 from app.preprocess import normalize
 from training.augment import augment
 from training.data import DataError, Split, limit_split, load_cifar10, split_validation
@@ -56,6 +57,7 @@ RESUME_FORMAT = "cifar10-cnn/train-state"
 @dataclass
 class TrainConfig:
     data: str = "cifar10"
+    model: str = "final"  # final (FinalModel, 149,584 parameters) or lite (LiteModel, 47,648)
     cache_dir: str = ".cache/data"
     out: str = "weights"
     epochs: int = 96
@@ -86,8 +88,10 @@ class TrainConfig:
 
 FLAG_HELP = {
     "data": "'cifar10' (torchvision download) or an ImageFolder directory / .tar.gz with train/ and test/",
+    "model": "final: FinalModel (149,584 parameters), written as final_model.pt; "
+             "lite: LiteModel (47,648), written as lite_model.pt",
     "cache_dir": "git-ignored folder where archives are unpacked and decoded tensors kept",
-    "out": "folder for final_model.pt, last.pt, history.json and the pictures",
+    "out": "folder for final_model.pt (lite_model.pt), last.pt, history.json and the pictures",
     "epochs": "number of epochs (the OneCycle schedule spans all of them)",
     "batch_size": "global batch size; each of N DDP ranks takes batch_size / N",
     "lr": "peak learning rate of the OneCycle schedule",
@@ -134,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["choices"] = DEVICE_CHOICES
         if f.name in ("amp", "channels_last"):
             kwargs["choices"] = ("auto", "on", "off")
+        if f.name == "model":
+            kwargs["choices"] = tuple(MODEL_KEYS)
         p.add_argument(flag, **kwargs)
     p.add_argument("--resume", action="store_true",
                    help="continue from <out>/last.pt with its saved recipe; only where it runs can change "
@@ -166,6 +172,11 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool, dict]
     return TrainConfig(**given), args.resume, given
 
 
+def weights_name(model_key: str) -> str:
+    """final -> final_model.pt, lite -> lite_model.pt."""
+    return f"{model_key}_model.pt"
+
+
 def init_weights(model: torch.nn.Module, cfg: TrainConfig, fingerprint: str) -> dict:
     """Load --init's weights into `model`; refuse a checkpoint whose validation split differs.
 
@@ -178,6 +189,9 @@ def init_weights(model: torch.nn.Module, cfg: TrainConfig, fingerprint: str) -> 
     except CheckpointError as exc:
         raise DataError(f"--init: {exc}") from None
     parent = ckpt.meta.get("config", {})
+    if type(model).__name__ != ckpt.meta.get("model", "FinalModel"):
+        raise DataError(f"--init: {cfg.init} holds a {ckpt.meta.get('model', 'FinalModel')}, "
+                        f"this run trains a {type(model).__name__}")
     if ckpt.meta.get("data_fingerprint") != fingerprint:
         raise DataError(f"--init: {cfg.init} was not trained on this data (its fingerprint differs)")
     for key in ("seed", "val_size", "limit"):
@@ -437,7 +451,9 @@ def run(cfg: TrainConfig, resume: bool = False, overrides: dict | None = None) -
                  device, world, torch.get_num_threads(), amp_dtype, channels_last)
 
     torch.manual_seed(cfg.seed)
-    model = FinalModel(dropout=cfg.dropout).to(device)
+    architecture = ARCHITECTURES[MODEL_KEYS[cfg.model]]
+    weights_file = weights_name(cfg.model)
+    model = architecture(dropout=cfg.dropout).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -512,9 +528,9 @@ def run(cfg: TrainConfig, resume: bool = False, overrides: dict | None = None) -
     def save_final(metrics: dict, epoch: int) -> None:
         if rank != 0:
             return
-        final = FinalModel(dropout=cfg.dropout)
+        final = architecture(dropout=cfg.dropout)
         final.load_state_dict(best["state_dict"])
-        save_checkpoint(out / "final_model.pt", final, metrics=metrics, epoch=epoch,
+        save_checkpoint(out / weights_file, final, metrics=metrics, epoch=epoch,
                         duration_s=round(elapsed, 1), complete=epoch == cfg.epochs,
                         created_at=datetime.now(UTC).isoformat(timespec="seconds"), **meta)
 
@@ -557,14 +573,14 @@ def run(cfg: TrainConfig, resume: bool = False, overrides: dict | None = None) -
 
     result: dict = {"history": history}
     if rank == 0 and history:
-        result = finish(cfg, model, best, history, test, ctx, out, save_final)
+        result = finish(cfg, model, best, history, test, ctx, out, save_final, weights_file)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
     return result
 
 
-def finish(cfg, model, best, history, test, ctx, out: Path, save_final) -> dict:
+def finish(cfg, model, best, history, test, ctx, out: Path, save_final, weights_file: str) -> dict:
     """Test the best epoch's weights once, write the final checkpoint and the pictures."""
     from training.plots import plot_curves
 
@@ -584,7 +600,7 @@ def finish(cfg, model, best, history, test, ctx, out: Path, save_final) -> dict:
              best["epoch"], 100 * best["train_acc"], 100 * best["val_acc"], 100 * t["accuracy"],
              100 * t_tta["accuracy"], t["count"])
     log.info("wrote %s", ", ".join(str(out / n) for n in (
-        "final_model.pt", "last.pt", "history.json", "curves.png", "confusion_matrix.png",
+        weights_file, "last.pt", "history.json", "curves.png", "confusion_matrix.png",
         "misclassified.png")))
     return {"history": history, "metrics": metrics}
 

@@ -241,3 +241,18 @@ def test_code_version_prefers_the_given_one(monkeypatch):
     assert code_version() == "abc1234"
     monkeypatch.delenv("CIFAR10_CODE_VERSION")
     assert code_version() != "abc1234" and code_version()
+
+
+def test_model_lite_writes_lite_model_pt_and_init_refuses_the_other_architecture(tiny_data, tmp_path):
+    out = tmp_path / "lite"
+    common = ["--data", str(tiny_data), "--cache-dir", str(tmp_path / "cache"), *TINY, "--epochs", "2"]
+    proc = run_training(*common, "--model", "lite", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (out / "final_model.pt").exists()
+    ckpt = load_checkpoint(out / "lite_model.pt")
+    assert ckpt.meta["model"] == "LiteModel" and ckpt.meta["config"]["model"] == "lite"
+    assert type(build_model(ckpt)).__name__ == "LiteModel"
+
+    refused = run_training(*common, "--init", str(out / "lite_model.pt"), "--out", str(tmp_path / "final"))
+    assert refused.returncode == 2
+    assert "holds a LiteModel, this run trains a FinalModel" in refused.stderr
