@@ -5,14 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 
@@ -21,42 +18,27 @@ from app.client import CHUNK, Client, ClientError, FileError
 from app.model import CLASSES
 from app.preprocess import load_image, normalize
 
-from .conftest import REPO
+from ..live import REPO, SHIPPED, free_port, live_service
 
 SAMPLES = sorted((REPO / "samples").glob("*.jpg"))
-SHIPPED = REPO / "weights" / "final_model.pt"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "app", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    return subprocess.run(
+        [sys.executable, "-m", "app", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
 
 
 @pytest.fixture(scope="module")
-def service() -> str:
+def service() -> Iterator[str]:
     """`python -m app serve` on the shipped weights, on a free loopback port."""
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "CIFAR10_WEIGHTS": str(SHIPPED), "CIFAR10_DEVICE": "cpu"}
-    proc = subprocess.Popen([sys.executable, "-m", "app", "serve", "--port", str(port)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    assert proc.poll() is None, proc.communicate()[0]
-    yield url
-    proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=30)
+    with live_service() as url:
+        yield url
 
 
 def expected_labels(paths: list[Path]) -> list[str]:
@@ -90,11 +72,18 @@ def test_predict_json_is_the_services_answer(service):
     assert prediction["label"] == expected_labels([SAMPLES[3]])[0]
 
 
-@pytest.mark.parametrize(("make", "code", "message"), [
-    (lambda tmp: tmp / "missing.jpg", 2, "missing.jpg: no such file"),
-    (lambda tmp: tmp, 2, "is a folder, not an image file"),
-    (lambda tmp: (tmp / "notes.jpg").write_text("hello") and tmp / "notes.jpg", 1, "the service answered 415"),
-])
+@pytest.mark.parametrize(
+    ("make", "code", "message"),
+    [
+        (lambda tmp: tmp / "missing.jpg", 2, "missing.jpg: no such file"),
+        (lambda tmp: tmp, 2, "is a folder, not an image file"),
+        (
+            lambda tmp: (tmp / "notes.jpg").write_text("hello") and tmp / "notes.jpg",
+            1,
+            "the service answered 415",
+        ),
+    ],
+)
 def test_a_bad_file_is_one_clear_line_and_a_nonzero_exit(service, tmp_path, make, code, message):
     proc = cli("predict", str(make(tmp_path)), "--url", service)
     assert proc.returncode == code

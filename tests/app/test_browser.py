@@ -1,0 +1,114 @@
+"""The page at `/` and the interactive docs in a real browser: Debian's Chromium driven by Playwright.
+
+Outside CI these tests skip when Chromium or Playwright is missing; in CI (`CI` set) they fail,
+since .ci/run installs both.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from app.checkpoint import build_model, load_checkpoint
+from app.model import CLASSES
+from app.preprocess import load_image, normalize
+
+from ..live import REPO, SHIPPED, live_service
+
+SAMPLES = sorted((REPO / "samples").glob("*.jpg"))
+
+
+def _need(what: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is needed for the browser tests in CI")
+    pytest.skip(f"{what} is not installed (CI installs it)")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _need("playwright (pip)")
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not executable:
+        _need("chromium (apt-get install chromium)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def service() -> Iterator[str]:
+    with live_service() as url:
+        yield url
+
+
+@pytest.fixture
+def page(browser, service):
+    """A fresh page that records every request it makes."""
+    context = browser.new_context()
+    page = context.new_page()
+    page.requests = []
+    page.on("request", lambda r: page.requests.append(r.url))
+    yield page
+    context.close()
+
+
+def outside(requests: list[str], base: str) -> list[str]:
+    return [u for u in requests if not u.startswith((base + "/", "blob:", "data:"))]
+
+
+def expected_label(path) -> str:
+    with torch.no_grad():
+        logits = build_model(load_checkpoint(SHIPPED))(normalize(load_image(path).unsqueeze(0)))
+    return CLASSES[int(logits.argmax())]
+
+
+def test_choosing_a_cifar10_jpeg_shows_its_label(page, service):
+    page.goto(service + "/")
+    page.set_input_files("#files", [str(SAMPLES[0]), str(SAMPLES[8])])
+    page.wait_for_selector(".result >> nth=1")
+    shown = page.locator(".result .predicted").all_text_contents()
+    assert shown == [expected_label(SAMPLES[0]), expected_label(SAMPLES[8])]
+    assert page.locator(".result .name").all_text_contents() == [SAMPLES[0].name, SAMPLES[8].name]
+    assert page.locator(".result").first.locator(".bar").count() == 3  # top 3 by default
+    status = page.locator("#status").text_content()
+    assert "model FinalModel" in status and " ms" in status
+    assert outside(page.requests, service) == []
+
+
+def test_an_error_answer_is_shown_not_swallowed(page, service, tmp_path):
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    page.goto(service + "/")
+    page.set_input_files("#files", str(text))
+    page.wait_for_selector("#status.error")
+    assert "Error 415" in page.locator("#status").text_content()
+    assert page.locator(".result").count() == 0
+
+
+def test_the_page_is_keyboard_usable(page, service):
+    page.goto(service + "/")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "files"  # the chooser comes first
+    with page.expect_file_chooser() as chooser:
+        page.keyboard.press("Enter")
+    chooser.value.set_files(str(SAMPLES[3]))
+    page.wait_for_selector(".result")
+    assert page.locator(".result .predicted").text_content() == expected_label(SAMPLES[3])
+
+
+def test_the_page_fits_a_phone(browser, service):
+    context = browser.new_context(viewport={"width": 360, "height": 740}, is_mobile=True)
+    page = context.new_page()
+    page.goto(service + "/")
+    page.set_input_files("#files", [str(p) for p in SAMPLES[:2]])
+    page.wait_for_selector(".result >> nth=1")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 360  # no sideways scrolling
+    context.close()
