@@ -54,6 +54,7 @@ from app.middleware import (
     BodyLimitMiddleware,
     StartupMessageMiddleware,
 )
+from app.page import router as page_router
 from app.routes import inference_router, model_router, ops_router
 from app.security import API_KEY_HEADER, require_api_key
 from app.service import ModelService, PredictorFactory, ServiceError, StartupError
@@ -230,6 +231,7 @@ def create_app(settings: Settings | None = None, make_predictor: PredictorFactor
     app.include_router(model_router)
     app.include_router(ops_router)
     app.include_router(admin_router)
+    app.include_router(page_router)  # the page for people at /
 
     # The documented paths and the docs' own: FastAPI nests included routers rather than copying
     # their routes into app.routes, so the schema is where every path is listed.

@@ -159,7 +159,7 @@ def load_model(
     when the predictor cannot be built here.
     """
     ckpt = load_checkpoint(weights)
-    model = build_model(ckpt)
+    model = build_model(ckpt, MODEL_NAME)  # LiteModel is not served (yet)
     layers = layer_table(model)  # measured on the CPU, before the move
     total, trainable = count_parameters(model)
     model.to(device)
