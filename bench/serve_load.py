@@ -3,9 +3,10 @@
     python bench/serve_load.py --data cifar10-jpeg.tar.gz [--weights weights/final_model.pt]
     python bench/serve_load.py --data cifar10-jpeg.tar.gz --smoke   # a check that it works, in seconds
 
-Measures, in one run on this machine:
-1. the bare model (no HTTP) on the same images: batch-32 throughput with N workers x 1 torch
-   thread and with 1 worker x N threads, and the batch-1 forward time;
+Measures, in one run on this machine, for each inference backend of --backends (the old path,
+PyTorch fp32 NCHW, and ONNX Runtime, the CPU default, unless told otherwise):
+1. the bare model (no HTTP) through that backend's predictor on the same images: batch-32
+   throughput with N workers x 1 thread and with 1 worker x N threads, and the batch-1 forward time;
 2. for each mode (batching on; batching off; batching on with the /predict fast path off, so
    every request goes through the FastAPI route): `uvicorn app.main:app` started as a subprocess
    on 127.0.0.1 and a free port, driven by --clients concurrent clients that each post one real
@@ -13,13 +14,14 @@ Measures, in one run on this machine:
    connections, for --duration seconds after --warmup seconds; then one client alone, for the
    single-request latency.
 
-It prints images/s, p50/p99 latency and the ratios against the best bare batch-32 throughput and
-against the bare model on one worker with all cores (PyTorch's default threading) as a markdown
-table. The load generator shares the machine's cores with the server, as wrk does when
-run on the same host: `--client raw` (the default) is a minimal asyncio HTTP/1.1 client that
-leaves the server most of the CPU, like wrk; `--client httpx` uses httpx.AsyncClient, several
-times heavier per request, which lowers every server figure on a small machine. On a busy
-machine every figure reads low. All loops are bounded by time.
+It prints images/s, p50/p99 latency and the ratios against the backend's own best bare batch-32
+throughput and against its bare model on one worker with all cores as a markdown table, then
+each backend against the first one (the old path) served the same way. The load generator
+shares the machine's cores with the server, as wrk does when run on the same host: `--client
+raw` (the default) is a minimal asyncio HTTP/1.1 client that leaves the server most of the CPU,
+like wrk; `--client httpx` uses httpx.AsyncClient, several times heavier per request, which
+lowers every server figure on a small machine. On a busy machine every figure reads low. All
+loops are bounded by time.
 """
 
 from __future__ import annotations
@@ -86,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
         "with every request through the FastAPI route: CIFAR10_FAST_PATH=false)",
     )
     p.add_argument(
+        "--backends",
+        default="pytorch-nchw,onnxruntime",
+        help="inference backends to measure, comma-separated, the baseline first: "
+        + ", ".join(f"{name} ({what})" for name, (what, _) in BACKENDS.items()),
+    )
+    p.add_argument(
         "--client",
         choices=("raw", "httpx"),
         default="raw",
@@ -105,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 # --smoke: every phase runs, briefly, for the default mode (batching on, fast path on).
 SMOKE = {
     "modes": "on",  # each further mode costs a server start (seconds of imports on a busy CPU)
+    "backends": "auto",  # and so does each further backend
     "images": 20,
     "clients": 4,
     "duration": 0.5,
@@ -203,6 +212,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# name -> (what it is, the service settings that select it)
+BACKENDS = {
+    "pytorch-nchw": (
+        "PyTorch fp32 NCHW, the service's old path",
+        {"backend": "pytorch", "precision": "fp32", "layout": "nchw"},
+    ),
+    "pytorch": (
+        "PyTorch fp32 channels_last",
+        {"backend": "pytorch", "precision": "fp32", "layout": "channels_last"},
+    ),
+    "bf16": (
+        "PyTorch bf16 autocast channels_last",
+        {"backend": "pytorch", "precision": "bf16", "layout": "channels_last"},
+    ),
+    "onnxruntime": ("ONNX Runtime fp32", {"backend": "onnxruntime", "precision": "fp32", "layout": "auto"}),
+    "auto": ("the service's default here", {"backend": "auto", "precision": "auto", "layout": "auto"}),
+}
+
 MODES = {  # mode -> (batching, fast path)
     "on": (True, True),
     "off": (False, True),
@@ -210,10 +237,11 @@ MODES = {  # mode -> (batching, fast path)
 }
 
 
-def start_server(args, weights: Path, mode: str, port: int) -> subprocess.Popen:
+def start_server(args, weights: Path, mode: str, port: int, backend: str = "auto") -> subprocess.Popen:
     batching, fast_path = MODES[mode]
     env = {
         **os.environ,
+        **{f"CIFAR10_{key.upper()}": value for key, value in BACKENDS[backend][1].items()},
         "CIFAR10_WEIGHTS": str(weights),
         "CIFAR10_DEVICE": "cpu",
         "CIFAR10_BATCHING": "true" if batching else "false",
@@ -400,15 +428,21 @@ def main(argv: list[str] | None = None) -> int:
     from app.checkpoint import save_checkpoint
     from app.model import FinalModel
     from app.preprocess import load_image
-    from app.service import load_model
     from app.settings import available_cpus
 
     args = build_parser().parse_args(argv)
     if args.smoke:
         vars(args).update(SMOKE)
         print("smoke run: a check that the script works; its figures mean nothing")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        raise SystemExit(f"error: unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
+    backends = [m.strip() for m in args.backends.split(",") if m.strip()]
+    unknown = sorted(set(backends) - set(BACKENDS))
+    if unknown or not backends:
+        raise SystemExit(f"error: unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
     cores = available_cpus()
-    workers = args.workers or cores
     b = args.max_batch_size
     jpegs = read_test_jpegs(Path(args.data), args.images)
     bodies = [multipart_body(j, f"{i}.jpg") for i, j in enumerate(jpegs)]
@@ -424,75 +458,114 @@ def main(argv: list[str] | None = None) -> int:
             torch.manual_seed(0)
             save_checkpoint(weights, FinalModel())
             print(f"{args.weights} not found: serving a randomly initialised FinalModel (same speed)")
-        model = load_model(weights, torch.device("cpu"))
+        results = [measure_backend(args, name, weights, images, bodies) for name in backends]
 
-        bare_n = bare_throughput(model, images, b, workers, 1, args.bare_duration)
-        bare_1 = bare_throughput(model, images, b, 1, cores, args.bare_duration)
-        bare_lat = bare_latency_ms(model, images, args.bare_duration)
-        best_bare = max(bare_n, bare_1)
-        nan = float("nan")
-        rows = [
-            (f"bare model, batch {b}, {workers} worker(s) x 1 thread", "-", bare_n, nan, nan, ""),
-            (f"bare model, batch {b}, 1 worker x {cores} thread(s)", "-", bare_1, nan, nan, ""),
-            ("bare model, batch 1 forward, 1 thread", "1", 1000 / bare_lat, bare_lat, nan, ""),
-        ]
-
-        loaded: dict[str, LoadResult] = {}
-        single: dict[str, LoadResult] = {}
-        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-        unknown = sorted(set(modes) - set(MODES))
-        if unknown:
-            raise SystemExit(f"error: unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
-        for mode in modes:
-            port = free_port()
-            base = f"http://127.0.0.1:{port}"
-            proc = start_server(args, weights, mode, port)
-            try:
-                wait_ready(proc, base, args.startup_timeout)
-                loaded[mode] = asyncio.run(
-                    drive(base, bodies, args.clients, args.warmup, args.duration, args.client)
-                )
-                single[mode] = asyncio.run(drive(base, bodies, 1, 0.5, args.single_duration, args.client))
-            finally:
-                stop_server(proc)
-            for r, clients in ((loaded[mode], args.clients), (single[mode], 1)):
-                note = f"{r.mean_batch:.1f}" + (f" ({r.errors} errors)" if r.errors else "")
-                name = "server, batching on, FastAPI route" if mode == "route" else f"server, batching {mode}"
-                rows.append((name, str(clients), r.images_per_s, r.p50_ms, r.p99_ms, note))
-
-    print(
-        f"\n{args.client} client; ratios against the best bare batch-{b} throughput "
-        f"({best_bare:,.0f} images/s)\n"
-    )
+    print(f"\n{args.client} client; ratios against each backend's own best bare batch-{b} throughput\n")
     print(
         f"| configuration | clients | images/s | p50 ms | p99 ms | / bare batch-{b} | "
-        f"/ bare 1 x {cores} threads | mean batch |"
+        f"/ bare 1 x {cores} threads | mean batch | backend |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name, clients, ips, p50, p99, batch in rows:
-        print(
-            f"| {name} | {clients} | {ips:,.0f} | {_ms(p50)} | {_ms(p99)} | {ips / best_bare:.2f} | "
-            f"{ips / bare_1:.2f} | {batch} |"
-        )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for r in results:
+        for name, clients, ips, p50, p99, batch in r.rows:
+            print(
+                f"| {name} | {clients} | {ips:,.0f} | {_ms(p50)} | {_ms(p99)} | {ips / r.best_bare:.2f} | "
+                f"{ips / r.bare_1:.2f} | {batch} | {r.name} |"
+            )
     print()
-    if "on" in loaded:
-        ratio = loaded["on"].images_per_s / best_bare
-        print(f"batching on, {args.clients} clients / best bare batch-{b}: {ratio:.2f} (aim >= 0.75)")
-        ratio = loaded["on"].images_per_s / bare_1
-        print(f"batching on, {args.clients} clients / bare batch-{b} on 1 x {cores} threads: {ratio:.2f}")
-    if "on" in loaded and "route" in loaded and loaded["route"].images_per_s:
-        ratio = loaded["on"].images_per_s / loaded["route"].images_per_s
-        print(f"fast path / FastAPI route, batching on, {args.clients} clients: {ratio:.2f}x")
-    if "on" in loaded and "off" in loaded and loaded["off"].images_per_s:
-        ratio = loaded["on"].images_per_s / loaded["off"].images_per_s
-        print(f"batching on / off, {args.clients} clients: {ratio:.2f}x (aim >= 1.8x)")
-    if "on" in single:
-        extra = single["on"].p50_ms - bare_lat
-        print(
-            f"one client: p50 {single['on'].p50_ms:.2f} ms, bare batch-1 forward {bare_lat:.2f} ms: "
-            f"{extra:+.2f} ms (aim <= 2 ms)"
-        )
+    base = results[0]
+    for r in results:
+        print(f"{r.name} ({r.describe}):")
+        loaded, single = r.loaded, r.single
+        if "on" in loaded:
+            ratio = loaded["on"].images_per_s / r.best_bare
+            print(f"  batching on, {args.clients} clients / best bare batch-{b}: {ratio:.2f} (aim >= 0.75)")
+            ratio = loaded["on"].images_per_s / r.bare_1
+            print(f"  batching on, {args.clients} clients / bare batch-{b}, 1 x {cores} threads: {ratio:.2f}")
+        if "on" in loaded and "route" in loaded and loaded["route"].images_per_s:
+            ratio = loaded["on"].images_per_s / loaded["route"].images_per_s
+            print(f"  fast path / FastAPI route, batching on, {args.clients} clients: {ratio:.2f}x")
+        if "on" in loaded and "off" in loaded and loaded["off"].images_per_s:
+            ratio = loaded["on"].images_per_s / loaded["off"].images_per_s
+            print(f"  batching on / off, {args.clients} clients: {ratio:.2f}x")
+        if "on" in single:
+            extra = single["on"].p50_ms - r.bare_lat
+            print(
+                f"  one client: p50 {single['on'].p50_ms:.2f} ms, bare batch-1 forward {r.bare_lat:.2f} ms: "
+                f"{extra:+.2f} ms (aim <= 1 ms)"
+            )
+        if r is not base and "on" in loaded and "on" in base.loaded and base.loaded["on"].images_per_s:
+            ratio = loaded["on"].images_per_s / base.loaded["on"].images_per_s
+            print(f"  served, {args.clients} clients, batching on / {base.name}: {ratio:.2f}x (aim >= 1.8x)")
+            if "on" in single and "on" in base.single and base.single["on"].images_per_s:
+                ratio = single["on"].images_per_s / base.single["on"].images_per_s
+                p50s = f"p50 {single['on'].p50_ms:.2f} ms against {base.single['on'].p50_ms:.2f} ms"
+                print(f"  served, 1 client / {base.name}: {ratio:.2f}x ({p50s})")
     return 0
+
+
+@dataclass
+class BackendResult:
+    name: str
+    describe: str
+    best_bare: float
+    bare_1: float
+    bare_lat: float
+    rows: list
+    loaded: dict
+    single: dict
+
+
+def measure_backend(args, name: str, weights: Path, images, bodies: list[bytes]) -> BackendResult:
+    """The bare predictor, then the server in every mode, for one backend of BACKENDS."""
+    import torch
+
+    from app.predictor import build_predictor
+    from app.service import load_model
+    from app.settings import available_cpus
+
+    cores = available_cpus()
+    workers = args.workers or cores
+    b = args.max_batch_size
+    config = BACKENDS[name][1]
+
+    def loaded_with(threads: int):
+        def make(model, device):
+            return build_predictor(model, device, threads=threads, **config)
+
+        return load_model(weights, torch.device("cpu"), make)
+
+    # The same thread layouts as the server: N workers x 1 thread, and 1 worker x N threads.
+    single_threaded = loaded_with(1)
+    describe = single_threaded.predictor.info.describe()
+    bare_n = bare_throughput(single_threaded, images, b, workers, 1, args.bare_duration)
+    bare_1 = bare_throughput(loaded_with(cores), images, b, 1, cores, args.bare_duration)
+    bare_lat = bare_latency_ms(single_threaded, images, args.bare_duration)
+    nan = float("nan")
+    rows = [
+        (f"bare model, batch {b}, {workers} worker(s) x 1 thread", "-", bare_n, nan, nan, ""),
+        (f"bare model, batch {b}, 1 worker x {cores} thread(s)", "-", bare_1, nan, nan, ""),
+        ("bare model, batch 1 forward, 1 thread", "1", 1000 / bare_lat, bare_lat, nan, ""),
+    ]
+    loaded: dict[str, LoadResult] = {}
+    single: dict[str, LoadResult] = {}
+    for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        proc = start_server(args, weights, mode, port, backend=name)
+        try:
+            wait_ready(proc, base, args.startup_timeout)
+            loaded[mode] = asyncio.run(
+                drive(base, bodies, args.clients, args.warmup, args.duration, args.client)
+            )
+            single[mode] = asyncio.run(drive(base, bodies, 1, 0.5, args.single_duration, args.client))
+        finally:
+            stop_server(proc)
+        for r, clients in ((loaded[mode], args.clients), (single[mode], 1)):
+            note = f"{r.mean_batch:.1f}" + (f" ({r.errors} errors)" if r.errors else "")
+            label = "server, batching on, FastAPI route" if mode == "route" else f"server, batching {mode}"
+            rows.append((label, str(clients), r.images_per_s, r.p50_ms, r.p99_ms, note))
+    return BackendResult(name, describe, max(bare_n, bare_1), bare_1, bare_lat, rows, loaded, single)
 
 
 if __name__ == "__main__":
