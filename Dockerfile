@@ -1,4 +1,5 @@
-# The cifar10-cnn service on the CPU: CPU-only torch, no torchvision, the shipped weights inside.
+# The cifar10-cnn service on the CPU: CPU-only torch, ONNX Runtime (the CPU default backend: the
+# model is exported to it in memory at startup), no torchvision, the shipped weights inside.
 #
 #   docker build -t cifar10-cnn .
 #   docker run --rm -p 8000:8000 cifar10-cnn
@@ -8,7 +9,7 @@
 #   TORCH_PIP_ARGS  where torch comes from (default: PyTorch's CPU wheel index, about 190 MB
 #                   instead of the multi-GB CUDA build). A local wheel directory or server:
 #                   --build-arg TORCH_PIP_ARGS=--find-links=http://host:port/
-#   TORCH_SPEC      the torch requirement (default torch>=2.2). Pin it when TORCH_PIP_ARGS only
+#   TORCH_SPEC      the torch requirement (default torch>=2.5). Pin it when TORCH_PIP_ARGS only
 #                   adds wheels to PyPI (--find-links), or pip takes PyPI's newer CUDA build:
 #                   --build-arg TORCH_SPEC=torch==2.13.0+cpu
 #   EXTRA_PIP_ARGS  added to every pip install (a mirror, --trusted-host, ...).
@@ -32,7 +33,7 @@ ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE} AS builder
 
 ARG TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
-ARG TORCH_SPEC="torch>=2.2"
+ARG TORCH_SPEC="torch>=2.5"
 ARG EXTRA_PIP_ARGS=""
 
 ENV PIP_NO_CACHE_DIR=1 \
@@ -83,9 +84,7 @@ RUN groupadd --system --gid ${APP_UID} app \
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    # Serving never touches NumPy, so the image has none; hush torch's notice about it.
-    PYTHONWARNINGS="ignore:Failed to initialize NumPy:UserWarning" \
-    # The service sets PyTorch's thread count itself (CIFAR10_WORKERS, CIFAR10_TORCH_THREADS);
+    # The service sets its backend's thread count itself (CIFAR10_WORKERS, CIFAR10_TORCH_THREADS);
     # this only stops OpenMP/MKL from starting one thread per host core before it does.
     OMP_NUM_THREADS=1 \
     MKL_NUM_THREADS=1 \

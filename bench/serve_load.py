@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
         "with every request through the FastAPI route: CIFAR10_FAST_PATH=false)",
     )
     p.add_argument(
+        "--device",
+        default="cpu",
+        help="CIFAR10_DEVICE for the server and the bare model's device (cuda: one inference worker)",
+    )
+    p.add_argument(
         "--backends",
         default="pytorch-nchw,onnxruntime",
         help="inference backends to measure, comma-separated, the baseline first: "
@@ -243,7 +248,7 @@ def start_server(args, weights: Path, mode: str, port: int, backend: str = "auto
         **os.environ,
         **{f"CIFAR10_{key.upper()}": value for key, value in BACKENDS[backend][1].items()},
         "CIFAR10_WEIGHTS": str(weights),
-        "CIFAR10_DEVICE": "cpu",
+        "CIFAR10_DEVICE": getattr(args, "device", "cpu"),
         "CIFAR10_BATCHING": "true" if batching else "false",
         "CIFAR10_FAST_PATH": "true" if fast_path else "false",
         "CIFAR10_MAX_BATCH_SIZE": str(args.max_batch_size),
@@ -448,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     bodies = [multipart_body(j, f"{i}.jpg") for i, j in enumerate(jpegs)]
     images = torch.stack([load_image(io.BytesIO(j)) for j in jpegs])
     print(
-        f"{len(jpegs)} CIFAR-10 test JPEGs from {args.data}; {cores} CPU core(s); torch {torch.__version__}"
+        f"{len(jpegs)} CIFAR-10 test JPEGs from {args.data}; {cores} CPU core(s); torch {torch.__version__}; "
+        f"device {args.device}"
     )
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -525,7 +531,8 @@ def measure_backend(args, name: str, weights: Path, images, bodies: list[bytes])
     from app.settings import available_cpus
 
     cores = available_cpus()
-    workers = args.workers or cores
+    device = torch.device(args.device)
+    workers = args.workers or (cores if device.type == "cpu" else 1)  # the server's default
     b = args.max_batch_size
     config = BACKENDS[name][1]
 
@@ -533,7 +540,7 @@ def measure_backend(args, name: str, weights: Path, images, bodies: list[bytes])
         def make(model, device):
             return build_predictor(model, device, threads=threads, **config)
 
-        return load_model(weights, torch.device("cpu"), make)
+        return load_model(weights, device, make)
 
     # The same thread layouts as the server: N workers x 1 thread, and 1 worker x N threads.
     single_threaded = loaded_with(1)

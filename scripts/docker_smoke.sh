@@ -7,7 +7,9 @@
 # ../shared/tools/docker-sandbox beside the repository or at $DOCKER_SANDBOX; without it the test
 # is skipped with a message and exit 0. Checks: the container turns healthy; POST /predict with
 # real images answers CIFAR-10 labels in the documented shape; a non-image gets a 4xx; the
-# server is not root and is PID 1 (exec-form CMD); torchvision is not installed; mounted weights
+# server is not root and is PID 1 (exec-form CMD); torchvision is not installed; the container
+# serves with ONNX Runtime (the CPU default backend) and gives 100 CIFAR-10 test JPEGs the labels
+# PyTorch fp32 gives them on the host (when the host has the project installed); mounted weights
 # chosen with CIFAR10_WEIGHTS are served; SIGTERM stops it cleanly. The root filesystem is
 # read-only with a tmpfs on /tmp, as in deploy/k8s. Prints image size, build time and
 # time-to-healthy.
@@ -152,14 +154,18 @@ import zlib
 
 data, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 if data.is_file():
-    seen = set()
+    seen = {}  # class -> test JPEGs kept: the first in images/, ten in labels/ for the label check
+    (out.parent / "labels").mkdir(exist_ok=True)
     with tarfile.open(data) as tf:
         for member in tf:
             parts = member.name.split("/")
-            if member.isfile() and len(parts) == 3 and parts[0] == "test" and parts[1] not in seen:
-                seen.add(parts[1])
-                (out / f"{parts[1]}.jpg").write_bytes(tf.extractfile(member).read())
-            if len(seen) == 10:
+            if member.isfile() and len(parts) == 3 and parts[0] == "test" and seen.get(parts[1], 0) < 10:
+                content = tf.extractfile(member).read()
+                if parts[1] not in seen:
+                    (out / f"{parts[1]}.jpg").write_bytes(content)
+                (out.parent / "labels" / f"{parts[1]}-{seen.get(parts[1], 0)}.jpg").write_bytes(content)
+                seen[parts[1]] = seen.get(parts[1], 0) + 1
+            if len(seen) == 10 and all(n == 10 for n in seen.values()):
                 break
 
 
@@ -255,6 +261,74 @@ with urllib.request.urlopen(f"{base}/metrics", timeout=10) as response:
     if response.status != 200 or b"# TYPE" not in response.read():
         fail("/metrics does not serve Prometheus text")
 print("  /model/summary reports the baked-in weights; /metrics serves Prometheus text")
+PY
+
+say "the runtime inside: the backend it serves with, and its labels against PyTorch fp32 on the host"
+expected=$workdir/expected.json
+if [[ -d $workdir/labels ]] && (cd "$repo" && python3 - "$workdir/labels" "$expected") <<'PY'; then
+"""The labels evaluation's reference forward pass (PyTorch fp32 NCHW) gives the label-check JPEGs."""
+import json
+import pathlib
+import sys
+
+import torch
+
+from app.checkpoint import build_model, load_checkpoint
+from app.preprocess import load_image
+from training.evaluate import predict
+
+files = sorted(pathlib.Path(sys.argv[1]).iterdir())
+model = build_model(load_checkpoint("weights/final_model.pt"))
+logits = predict(model, torch.stack([load_image(f) for f in files]), torch.device("cpu"))
+pathlib.Path(sys.argv[2]).write_text(json.dumps(dict(zip([f.name for f in files], logits.argmax(1).tolist()))))
+PY
+    :
+else
+    echo "  (no label check: the data archive or the project's Python packages are not on this host)"
+    rm -f "$expected"
+fi
+python3 - "$port" "$workdir/labels" "$expected" <<'PY'
+"""The summary names ONNX Runtime; the served labels equal the host's PyTorch fp32 labels."""
+import json
+import pathlib
+import sys
+import urllib.request
+import uuid
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+port, folder, expected_file = sys.argv[1], pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3])
+base = f"http://127.0.0.1:{port}"
+with urllib.request.urlopen(f"{base}/model/summary", timeout=10) as response:
+    inference = json.load(response)["inference"]
+print(f"  inference: {inference}")
+if inference["backend"] != "onnxruntime" or inference["precision"] != "fp32":
+    sys.exit(f"FAIL: the image should serve with onnxruntime fp32 by default, not {inference}")
+if not expected_file.is_file():
+    sys.exit(0)
+expected = json.loads(expected_file.read_text())
+names = sorted(expected)
+served = {}
+for start in range(0, len(names), 20):
+    chunk = names[start : start + 20]
+    boundary = uuid.uuid4().hex
+    body = b"".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+        "Content-Type: image/jpeg\r\n\r\n".encode() + (folder / name).read_bytes() + b"\r\n"
+        for name in chunk
+    ) + f"--{boundary}--\r\n".encode()
+    request = urllib.request.Request(
+        f"{base}/predict?top_k=1", data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        for p in json.load(response)["predictions"]:
+            served[p["filename"]] = CLASSES.index(p["label"])
+differ = [name for name in names if served.get(name) != expected[name]]
+for name in differ:
+    print(f"  {name}: served {CLASSES[served[name]]}, PyTorch fp32 on the host {CLASSES[expected[name]]}")
+if differ:
+    sys.exit(f"FAIL: {len(differ)} of {len(names)} served labels differ from PyTorch fp32 on the host")
+right = sum(CLASSES[served[name]] == name.split("-")[0] for name in names)
+print(f"  {len(names)} of {len(names)} served labels equal PyTorch fp32's on the host; {right} right")
 PY
 
 if "$DOCKER" logs "$cid" 2>&1 | grep -q Traceback; then
