@@ -41,6 +41,7 @@ from fastapi_offline import FastAPIOffline
 from pydantic import ValidationError
 from starlette.middleware.cors import CORSMiddleware
 
+from app import openapi
 from app.admin import admin_router
 from app.batching import Arrival
 from app.checkpoint import CheckpointError
@@ -54,6 +55,7 @@ from app.middleware import (
     BodyLimitMiddleware,
     StartupMessageMiddleware,
 )
+from app.page import DocsPolicyMiddleware
 from app.page import router as page_router
 from app.routes import inference_router, model_router, ops_router
 from app.security import API_KEY_HEADER, require_api_key
@@ -208,11 +210,13 @@ def create_app(settings: Settings | None = None, make_predictor: PredictorFactor
             await asyncio.to_thread(service.stop)
 
     app = FastAPIOffline(
+        redoc_url=None,  # app.page serves /redoc, with no CDN address left in its bundle
         title="cifar10-cnn",
         version=_version(),
         description=DESCRIPTION,
         lifespan=lifespan,
     )
+    openapi.install(app)  # uploads as file choosers in Swagger UI
     app.state.settings = settings
     app.state.service = service
     app.state.metrics = metrics
@@ -232,6 +236,7 @@ def create_app(settings: Settings | None = None, make_predictor: PredictorFactor
     app.include_router(ops_router)
     app.include_router(admin_router)
     app.include_router(page_router)  # the page for people at /
+    app.add_middleware(DocsPolicyMiddleware)  # /docs and /redoc load nothing from elsewhere
 
     # The documented paths and the docs' own: FastAPI nests included routers rather than copying
     # their routes into app.routes, so the schema is where every path is listed.

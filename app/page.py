@@ -1,26 +1,98 @@
-"""The page for people at `/`: pick or drop images, see each one's top classes as bars.
+"""The page for people at `/` (pick or drop images, see each one's top classes as bars), and the
+Content-Security-Policy that keeps it and the interactive docs from loading anything from elsewhere.
 
-One self-contained HTML file (no CDN, no build step) that posts to `POST /predict` on the same
-origin. Its Content-Security-Policy lets it load nothing from anywhere else.
+The page is one self-contained HTML file (no CDN, no build step) that posts to `POST /predict` on
+the same origin. Swagger UI and ReDoc are served by the app itself (fastapi-offline's copies);
+ReDoc's bundle points its "powered by" logo at a CDN, so `/redoc` loads a copy of the bundle with
+that address turned into the local favicon.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
-from fastapi import APIRouter
-from fastapi.responses import FileResponse
+import fastapi_offline
+from fastapi import APIRouter, Request
+from fastapi.openapi.docs import get_redoc_html
+from fastapi.responses import FileResponse, HTMLResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 # Inline script and style are the page's own; images are the user's files (blob: URLs).
-CSP = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self' 'unsafe-inline'; "
-       "script-src 'self' 'unsafe-inline'; connect-src 'self'; base-uri 'none'; form-action 'self'; "
-       "frame-ancestors 'none'")
+CSP = (
+    "default-src 'self'; img-src 'self' blob: data:; style-src 'self' 'unsafe-inline'; "
+    "script-src 'self' 'unsafe-inline'; connect-src 'self'; base-uri 'none'; form-action 'self'; "
+    "frame-ancestors 'none'"
+)
+
+# The docs need inline style and script, a blob: worker (ReDoc's search) and data: images.
+DOCS_CSP = (
+    "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
+    "script-src 'self' 'unsafe-inline'; worker-src 'self' blob:; font-src 'self' data:; "
+    "connect-src 'self'; frame-ancestors 'none'"
+)
+DOCS_PATHS = frozenset({"/docs", "/redoc", "/docs/oauth2-redirect"})
+OFFLINE_ASSETS = Path(fastapi_offline.__file__).parent / "static"  # served at /static-offline-docs
+REDOC_LOGO = "https://cdn.redoc.ly/redoc/logo-mini.svg"
 
 router = APIRouter()
 
 
 @router.get("/", include_in_schema=False)
 def page() -> FileResponse:
-    return FileResponse(PAGE, media_type="text/html; charset=utf-8",
-                        headers={"Content-Security-Policy": CSP, "Cache-Control": "no-cache"})
+    return FileResponse(
+        PAGE,
+        media_type="text/html; charset=utf-8",
+        headers={"Content-Security-Policy": CSP, "Cache-Control": "no-cache"},
+    )
+
+
+class DocsPolicyMiddleware:
+    """Adds DOCS_CSP to the answers of the docs pages; every other request passes untouched."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in DOCS_PATHS:
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_policy(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [
+                    h for h in message.get("headers", []) if h[0].lower() != b"content-security-policy"
+                ]
+                message = {**message, "headers": [*headers, (b"content-security-policy", DOCS_CSP.encode())]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_policy)
+
+
+@functools.cache
+def _redoc_bundle() -> bytes:
+    return (
+        (OFFLINE_ASSETS / "redoc.standalone.js")
+        .read_bytes()
+        .replace(REDOC_LOGO.encode(), b"/static-offline-docs/favicon.png")
+    )
+
+
+@router.get("/redoc", include_in_schema=False)
+def redoc(request: Request) -> HTMLResponse:
+    root = request.scope.get("root_path", "")
+    return get_redoc_html(
+        openapi_url=f"{root}/openapi.json",
+        title="cifar10-cnn - ReDoc",
+        redoc_js_url=f"{root}/redoc-assets/redoc.standalone.js",
+        with_google_fonts=False,
+        redoc_favicon_url=f"{root}/static-offline-docs/favicon.png",
+    )
+
+
+@router.get("/redoc-assets/redoc.standalone.js", include_in_schema=False)
+def redoc_bundle() -> Response:
+    return Response(
+        _redoc_bundle(), media_type="text/javascript", headers={"Cache-Control": "public, max-age=86400"}
+    )

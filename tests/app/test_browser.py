@@ -112,3 +112,28 @@ def test_the_page_fits_a_phone(browser, service):
     page.wait_for_selector(".result >> nth=1")
     assert page.evaluate("document.documentElement.scrollWidth") <= 360  # no sideways scrolling
     context.close()
+
+
+def test_swagger_try_it_out_uploads_files_and_shows_predictions(page, service):
+    page.goto(service + "/docs")
+    op = page.locator(".opblock-post", has_text="/predict").first
+    op.locator(".opblock-summary").click()
+    op.locator(".try-out__btn").click()
+    chooser = op.locator("input[type=file]")
+    assert chooser.count() == 1  # a file chooser, not a text box
+    chooser.set_input_files(str(SAMPLES[8]))
+    op.locator(".execute").click()
+    status = op.locator(".live-responses-table .response .response-col_status").first
+    status.wait_for(timeout=30_000)
+    assert status.text_content().strip() == "200"
+    body = op.locator(".live-responses-table .response-col_description .microlight").first.text_content()
+    assert f'"label": "{expected_label(SAMPLES[8])}"' in body and '"filename": "ship.jpg"' in body
+    assert outside(page.requests, service) == []
+
+
+def test_the_docs_make_no_request_outside_the_service(page, service):
+    for path in ("/docs", "/redoc"):
+        page.goto(service + path, wait_until="networkidle")
+    page.wait_for_selector("redoc h1, .api-info h2, h1", timeout=30_000)
+    assert any(u.endswith("/openapi.json") for u in page.requests)  # both pages really loaded the API
+    assert outside(page.requests, service) == []
