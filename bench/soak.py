@@ -217,14 +217,18 @@ def outcome(kind: Kind, status: int, body: bytes) -> str | None:
     return parsed.get("code", "-") if isinstance(parsed, dict) else "-"
 
 
-async def client(port: int, kinds: list[Kind], weights: list[float], seed: int, tally: Tally, args) -> None:
-    rng = random.Random(seed)
+async def client(port: int, kinds: list[Kind], weights: list[float], k: int, tally: Tally, args) -> None:
+    """Client k: its first request is of kind k (mod the kinds), so with at least as many clients
+    as kinds every kind is sent even in the shortest run; the rest are drawn by weight."""
+    rng = random.Random(args.seed + k)
+    first = True
     conn = Connection(port)
     loop = asyncio.get_running_loop()
     stop_at = tally.started + args.duration
     while (start := loop.time()) < stop_at and tally.sent < args.max_requests:
         tally.sent += 1
-        kind = rng.choices(kinds, weights)[0]
+        kind = kinds[k % len(kinds)] if first else rng.choices(kinds, weights)[0]
+        first = False
         try:
             status, body = await asyncio.wait_for(conn.post(rng.choice(kind.requests)), REQUEST_TIMEOUT_S)
         except TimeoutError:
@@ -318,9 +322,7 @@ async def soak(port: int, pid: int, kinds: list[Kind], weights: list[float], arg
     tally = Tally(started=loop.time())
     rss = [(0.0, rss_mb(pid))]
     memory = asyncio.create_task(watch_memory(pid, tally, args, rss))
-    await asyncio.gather(
-        *(client(port, kinds, weights, args.seed + k, tally, args) for k in range(args.concurrency))
-    )
+    await asyncio.gather(*(client(port, kinds, weights, k, tally, args) for k in range(args.concurrency)))
     elapsed = loop.time() - tally.started
     memory.cancel()
     rss.append((elapsed, rss_mb(pid)))
