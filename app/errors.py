@@ -1,6 +1,6 @@
 """Every error answer is JSON of one shape, `ErrorBody`, with a sentence that says what was wrong.
 
-    {"detail": "file 2 ('notes.txt') is text, not an image", "code": "unsupported_media_type",
+    {"detail": "the file at index 1 ('notes.txt'): text, not an image", "code": "unsupported_media_type",
      "files": [{"index": 1, "filename": "notes.txt", "status": 415, "code": "...", "detail": "..."}]}
 
 `code` is stable and machine-readable (it is also the `reason` label of the rejected-requests

@@ -97,8 +97,9 @@ async def model_summary(
 
 
 @ops_router.get("/health/live", response_model=Health, summary="The process is up (it may still be loading)")
-async def live() -> Health:
-    return Health(status="alive")
+async def live(service: ServiceDep) -> Health:
+    loaded = service.loaded_model  # None while loading
+    return Health(status="alive", model_sha256=loaded.sha256 if loaded else None)
 
 
 @ops_router.get(

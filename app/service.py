@@ -236,6 +236,11 @@ class ModelService:
         return self.state is State.READY
 
     @property
+    def loaded_model(self) -> LoadedModel | None:
+        """The model being served, or None before the first load."""
+        return self._model
+
+    @property
     def model(self) -> LoadedModel:
         if self._model is None:
             raise self.not_ready()
@@ -423,7 +428,7 @@ class ModelService:
                 more = f"; {len(problems) - 1} more of the {len(uploads)} files are bad too (see 'files')"
             elif len(uploads) > 1:
                 more = f"; no predictions were made for the other {len(uploads) - 1} file(s)"
-            raise BadUploads(f"file {first.index + 1}{name}: {first.error.message}{more}", problems)
+            raise BadUploads(f"the file at index {first.index}{name}: {first.error.message}{more}", problems)
         return torch.stack(tensors)
 
     def _decode_small(self, uploads: list[Upload]) -> torch.Tensor | None:

@@ -63,7 +63,7 @@ def test_one_bad_file_fails_the_whole_request_and_is_named(client):
         ("good2.png", png_bytes(2)),
         ("empty.jpg", b""),
     )
-    body = assert_error(r, 415, "unsupported_media_type", "file 2", "notes.txt", "1 more")
+    body = assert_error(r, 415, "unsupported_media_type", "the file at index 1", "notes.txt", "1 more")
     assert [(f["index"], f["filename"], f["status"], f["code"]) for f in body["files"]] == [
         (1, "notes.txt", 415, "unsupported_media_type"),
         (3, "empty.jpg", 400, "empty_file"),
@@ -73,7 +73,7 @@ def test_one_bad_file_fails_the_whole_request_and_is_named(client):
 
 def test_one_bad_file_among_good_ones_says_the_others_were_not_predicted(client):
     r = post(client, ("a.png", png_bytes(1)), ("b.png", b""))
-    assert_error(r, 400, "empty_file", "file 2", "b.png", "no predictions", "1 ")
+    assert_error(r, 400, "empty_file", "the file at index 1", "b.png", "no predictions", "1 ")
 
 
 def test_image_over_the_pixel_limit_is_refused_before_decoding(serve):

@@ -14,7 +14,9 @@ from .images import png_bytes
 
 
 def test_live_and_ready_once_started(client, weights):
-    assert client.get("/health/live").json()["status"] == "alive"
+    live = client.get("/health/live").json()
+    assert live["status"] == "alive"
+    assert live["model_sha256"] == client.get("/model/summary").json()["sha256"]  # once loaded
     r = client.get("/health/ready")
     assert r.status_code == 200
     assert r.json()["status"] == "ready"
@@ -24,7 +26,7 @@ def test_live_and_ready_once_started(client, weights):
 def test_before_startup_only_liveness_answers(make_settings):
     """Without the lifespan (the model not loaded yet) every model route answers 503 + Retry-After."""
     client = TestClient(create_app(make_settings(retry_after_s=2)))  # not entered: no lifespan
-    assert client.get("/health/live").status_code == 200
+    assert client.get("/health/live").json() == {"status": "alive", "model_sha256": None}
     r = client.get("/health/ready")
     assert r.status_code == 503 and r.json()["status"] == "starting"
     r = client.post("/predict", files=[("file", ("a.png", png_bytes(0)))])
