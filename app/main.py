@@ -61,6 +61,9 @@ from app.routes import inference_router, model_router, ops_router
 from app.security import API_KEY_HEADER, require_api_key
 from app.service import ModelService, PredictorFactory, ServiceError, StartupError
 from app.settings import Settings, env_name
+from app.v2 import V2ErrorMiddleware, served_models
+from app.v2 import inference_router as v2_inference_router
+from app.v2 import router as v2_router
 
 log = logging.getLogger(__name__)
 
@@ -222,16 +225,18 @@ def create_app(settings: Settings | None = None, make_predictor: PredictorFactor
     app.state.metrics = metrics
     install_error_handlers(app)
     install_service_errors(app)
-    if settings.api_key is not None:
-        unauthorized = {
-            "model": ErrorBody,
-            "description": f"The API key is missing or wrong (header {API_KEY_HEADER} or Bearer).",
-        }
-        app.include_router(
-            inference_router, dependencies=[Depends(require_api_key)], responses={401: unauthorized}
-        )
-    else:
-        app.include_router(inference_router)
+    app.state.v2_models = served_models(service)  # the Open Inference Protocol's model names
+    inference_routers = [inference_router, v2_inference_router(app.state.v2_models)]
+    for router in inference_routers:
+        if settings.api_key is not None:
+            unauthorized = {
+                "model": ErrorBody,
+                "description": f"The API key is missing or wrong (header {API_KEY_HEADER} or Bearer).",
+            }
+            app.include_router(router, dependencies=[Depends(require_api_key)], responses={401: unauthorized})
+        else:
+            app.include_router(router)
+    app.include_router(v2_router)  # /v2 metadata and health, open like /health
     app.include_router(model_router)
     app.include_router(ops_router)
     app.include_router(admin_router)
@@ -242,7 +247,7 @@ def create_app(settings: Settings | None = None, make_predictor: PredictorFactor
     # their routes into app.routes, so the schema is where every path is listed.
     known_paths = set(app.openapi()["paths"]) | {getattr(route, "path", "") for route in app.routes}
     # Every inference route gets the API key, admission (readiness, queue, drain) and metrics.
-    inference_paths = frozenset(route.path for route in inference_router.routes)
+    inference_paths = frozenset(route.path for router in inference_routers for route in router.routes)
 
     def admit() -> Arrival:
         try:
@@ -250,7 +255,7 @@ def create_app(settings: Settings | None = None, make_predictor: PredictorFactor
         except ServiceError as exc:
             raise api_error(exc, settings.retry_after_s) from None
 
-    # The last added is the outermost: startup message, CORS, metrics, API key, body limit,
+    # The last added is the outermost: /v2 error bodies, startup message, CORS, metrics, API key, body limit,
     # admission, the /predict fast path, routes.
     if settings.fast_path:
         app.add_middleware(PredictFastPath, path="/predict", service=service, metrics=metrics)
@@ -271,6 +276,7 @@ def create_app(settings: Settings | None = None, make_predictor: PredictorFactor
             max_age=600,
         )
     app.add_middleware(StartupMessageMiddleware, message=lambda: next(iter(startup_failure), None))
+    app.add_middleware(V2ErrorMiddleware)  # outermost: {"error": ...} for every error on /v2 paths
     return app
 
 
