@@ -37,12 +37,21 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from app.checkpoint import atomic_torch_save, file_sha256
-from app.device import DEVICE_CHOICES, resolve_device
+from app.device import DEVICE_CHOICES
 from app.model import CLASSES, INPUT_SHAPE, MEAN, STD
 from app.preprocess import normalize
 from training.augment import augment
 from training.data import DataError, Split, limit_split, load_cifar10, split_validation
-from training.train import StopFlag, all_sum, code_version, device_description, epoch_order, init_distributed
+from training.train import (
+    StopFlag,
+    all_sum,
+    code_version,
+    device_description,
+    epoch_order,
+    init_distributed,
+    process_device,
+    read_state,
+)
 
 log = logging.getLogger("training.teacher")
 
@@ -254,20 +263,11 @@ def run(cfg: TeacherConfig, resume: bool = False, overrides: dict | None = None)
     last_path = out / "last.pt"
     state = None
     if resume:
-        if not last_path.is_file():
-            raise DataError(f"--resume: {last_path} does not exist; start a run without --resume")
-        state = torch.load(last_path, map_location="cpu", weights_only=True)
-        if state.get("format") != STATE_FORMAT:
-            raise DataError(f"--resume: {last_path} is not a teacher training state")
+        state = read_state(last_path, STATE_FORMAT)
         runtime = {k: v for k, v in (overrides or {}).items() if k in RESUME_OVERRIDES}
         cfg = TeacherConfig(**{**state["config"], "out": cfg.out, **runtime})
     widths = parse_widths(cfg.widths)
-    device = resolve_device(cfg.device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    if device.type == "cpu":
-        torch.set_num_threads(cfg.threads or max(1, len(os.sched_getaffinity(0)) // local_world))
+    device = process_device(cfg.device, cfg.threads, world, local_world)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if cfg.batch_size % world:

@@ -225,6 +225,28 @@ def load_teacher_for(cfg: TrainConfig, fingerprint: str) -> tuple[torch.nn.Modul
 # ---------------------------------------------------------------- distributed helpers
 
 
+def read_state(last_path: Path, fmt: str) -> dict:
+    """The resumable state saved at `last_path`, refused unless written in format `fmt`."""
+    if not last_path.is_file():
+        raise DataError(f"--resume: {last_path} does not exist; start a run without --resume")
+    state = torch.load(last_path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != fmt:
+        raise DataError(f"--resume: {last_path} is not a {fmt} state written by this module")
+    return state
+
+
+def process_device(name: str, threads: int, world: int, local_world: int) -> torch.device:
+    """This process's device (its own GPU under torchrun); on a CPU, `threads` torch threads, or
+    the cores this process may run on divided among the local processes when 0."""
+    device = resolve_device(name)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if device.type == "cpu":
+        torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) // local_world))
+    return device
+
+
 def init_distributed(device_name: str) -> tuple[int, int, int]:
     """(rank, world_size, local_world_size); a no-op outside torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -405,21 +427,11 @@ def run(cfg: TrainConfig, resume: bool = False, overrides: dict | None = None) -
     last_path = out / "last.pt"
     state = None
     if resume:
-        if not last_path.is_file():
-            raise DataError(f"--resume: {last_path} does not exist; start a run without --resume")
-        state = torch.load(last_path, map_location="cpu", weights_only=True)
-        if state.get("format") != RESUME_FORMAT:
-            raise DataError(f"--resume: {last_path} is not a training state written by this module")
+        state = read_state(last_path, RESUME_FORMAT)
         runtime = {k: v for k, v in (overrides or {}).items() if k in RESUME_OVERRIDES}
         cfg = TrainConfig(**{**state["config"], "out": cfg.out, **runtime})
 
-    device = resolve_device(cfg.device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    if device.type == "cpu":
-        threads = cfg.threads or max(1, (os.cpu_count() or 1) // local_world)
-        torch.set_num_threads(threads)
+    device = process_device(cfg.device, cfg.threads, world, local_world)
     if cfg.batch_size % world:
         raise DataError(f"batch size {cfg.batch_size} must divide evenly across {world} processes")
     amp_dtype = autocast_dtype(device) if cfg.amp != "off" else None

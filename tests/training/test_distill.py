@@ -27,6 +27,19 @@ def run_module(module: str, *args: str, timeout: float = 240) -> subprocess.Comp
                           timeout=timeout)
 
 
+def interrupt_after_first_epoch(module: str, args: list[str], out, sig: int) -> tuple[int, str]:
+    """Start `python -m module args`, send `sig` once it has written out/history.json; (exit code, stderr)."""
+    proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not (out / "history.json").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    os.kill(proc.pid, sig)
+    _, stderr = proc.communicate(timeout=60)
+    return proc.returncode, stderr
+
+
 @pytest.fixture(scope="module")
 def teacher(tiny_data, tmp_path_factory):
     """A tiny teacher trained for two epochs on the tiny data's training split."""
@@ -90,15 +103,8 @@ def test_killed_distilled_run_resumes_only_with_the_same_teacher(teacher, tiny_d
     out = tmp_path / "run"
     args = ["--data", str(tiny_data), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
             "--epochs", "6", *TINY, "--lr", "0.05", "--teacher", str(teacher), "--ema", "0.9"]
-    proc = subprocess.Popen([sys.executable, "-m", "training", *args], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    while not (out / "history.json").exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be interrupted"
-    os.kill(proc.pid, signal.SIGTERM)
-    proc.communicate(timeout=60)
-    assert proc.returncode == 130
+    code, _ = interrupt_after_first_epoch("training", args, out, signal.SIGTERM)
+    assert code == 130
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["ema"] and state["teacher"]["sha256"]
 
@@ -118,15 +124,8 @@ def test_killed_teacher_resumes_where_it_stopped(tiny_data, tmp_path):
     out = tmp_path / "teacher"
     args = ["--data", str(tiny_data), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
             "--epochs", "6", *TINY_TEACHER]
-    proc = subprocess.Popen([sys.executable, "-m", "training.teacher", *args], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    while not (out / "history.json").exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be interrupted"
-    os.kill(proc.pid, signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "continue with --resume" in stderr
+    code, stderr = interrupt_after_first_epoch("training.teacher", args, out, signal.SIGINT)
+    assert code == 130 and "continue with --resume" in stderr
     before = json.loads((out / "history.json").read_text())
 
     refused = run_module("training.teacher", "--out", str(out), "--resume", "--epochs", "9")
