@@ -97,7 +97,7 @@ def test_the_page_is_keyboard_usable(page, service):
     page.goto(service + "/")
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.id") == "files"  # the chooser comes first
-    with page.expect_file_chooser() as chooser:
+    with page.expect_file_chooser(timeout=90_000) as chooser:  # a loaded machine can be slow
         page.keyboard.press("Enter")
     chooser.value.set_files(str(SAMPLES[3]))
     page.wait_for_selector(".result")
