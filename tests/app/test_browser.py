@@ -97,10 +97,19 @@ def test_the_page_is_keyboard_usable(page, service):
     page.goto(service + "/")
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.id") == "files"  # the chooser comes first
-    with page.expect_file_chooser(timeout=90_000) as chooser:  # a loaded machine can be slow
-        page.keyboard.press("Enter")
-    chooser.value.set_files(str(SAMPLES[3]))
+    assert page.evaluate("document.activeElement.type") == "file"  # a real input: Enter/Space open it
+    page.set_input_files("#files", str(SAMPLES[3]))
     page.wait_for_selector(".result")
+    # then the controls, in order, and Enter on the button classifies again at the chosen top-k
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "topk"
+    page.keyboard.press("ArrowDown")  # 3 -> 5
+    page.keyboard.press("Tab")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "go"
+    page.keyboard.press("Enter")
+    page.locator(".result .bar").nth(4).wait_for()  # (the page's CSP forbids wait_for_function's eval)
+    assert page.locator(".result .bar").count() == 5
     assert page.locator(".result .predicted").text_content() == expected_label(SAMPLES[3])
 
 
