@@ -73,6 +73,9 @@ Classifies images into the ten CIFAR-10 classes with FinalModel, a 149,584-param
 POST images to `/predict`; `/model/summary` describes the model, `/metrics` serves Prometheus
 metrics, `/health/live` and `/health/ready` are the probes. Concurrent requests are batched
 into shared forward passes. Every error answer is JSON with `detail` (a sentence) and `code`.
+
+A page for people is at [`/`](/) (choose images, see their top classes); the Open Inference
+Protocol (KServe v2 REST) is at `/v2`, for model `final`, with `{"error": ...}` answers.
 """
 
 
