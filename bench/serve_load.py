@@ -58,6 +58,17 @@ sys.path.insert(0, str(ROOT))
 BOUNDARY = "cifar10-bench-boundary"
 
 
+def add_smoke_flag(p: argparse.ArgumentParser, smoke: dict) -> None:
+    """--smoke: the script end to end in seconds, with `smoke`'s settings over any given."""
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a check that the script works, in seconds: "
+        + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in smoke.items())
+        + " (over any given); its figures mean nothing",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python bench/serve_load.py",
@@ -105,13 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="load generator: raw asyncio HTTP/1.1 (light, like wrk) or httpx.AsyncClient",
     )
     p.add_argument("--startup-timeout", type=float, default=120.0, help="seconds to wait for /health/ready")
-    p.add_argument(
-        "--smoke",
-        action="store_true",
-        help="a check that the script works, in seconds: "
-        + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in SMOKE.items())
-        + " (over any given); its figures mean nothing",
-    )
+    add_smoke_flag(p, SMOKE)
     return p
 
 

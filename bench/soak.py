@@ -40,7 +40,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from serve_load import free_port, read_test_jpegs, start_server, stop_server, wait_ready  # noqa: E402
+from serve_load import (  # noqa: E402
+    add_smoke_flag,
+    free_port,
+    read_test_jpegs,
+    start_server,
+    stop_server,
+    wait_ready,
+)
 
 BOUNDARY = "cifar10-soak-boundary"
 BOMB_SIDE = 100_000  # pixels per side declared by the bomb's PNG header: 10 gigapixels
@@ -69,13 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="CIFAR10_MAX_WAIT_MS for the server")
     p.add_argument("--workers", type=int, default=0, help="CIFAR10_WORKERS (0: one per core)")
     p.add_argument("--startup-timeout", type=float, default=120.0, help="seconds to wait for /health/ready")
-    p.add_argument(
-        "--smoke",
-        action="store_true",
-        help="a check that the script works, in seconds: "
-        + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in SMOKE.items())
-        + " (over any given); its figures mean nothing",
-    )
+    add_smoke_flag(p, SMOKE)
     return p
 
 
