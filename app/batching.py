@@ -110,8 +110,6 @@ class DynamicBatcher:
         workers: int = 1,
         batching: bool = True,
         on_batch: BatchHook | None = None,
-        worker_init: Callable[[], None] | None = None,
-        name: str = "inference",
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or workers < 1 or max_wait_s < 0:
             raise ValueError("max_batch_size, max_queue_size and workers must be >= 1, max_wait_s >= 0")
@@ -121,7 +119,6 @@ class DynamicBatcher:
         self.max_queue_size = max_queue_size
         self.batching = batching
         self.on_batch = on_batch
-        self.worker_init = worker_init
         self._items: deque[_Item] = deque()
         self._cond = threading.Condition()
         self._gather = threading.Lock()  # one worker forms a batch at a time
@@ -131,7 +128,7 @@ class DynamicBatcher:
         self._reserved_images = 0  # images of tickets reserved, not yet submitted or released
         self._closed = False
         self._threads = [
-            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(workers)
+            threading.Thread(target=self._work, name=f"inference-{i}", daemon=True) for i in range(workers)
         ]
         self._started = False
 
@@ -146,11 +143,6 @@ class DynamicBatcher:
     def pending(self) -> int:
         """Images admitted and not yet in a batch: queued, or reserved and being decoded."""
         return len(self._items) + self._reserved_images
-
-    @property
-    def arriving(self) -> int:
-        """Requests announced and not yet submitted or given up."""
-        return self._arriving
 
     def announce(self) -> Arrival:
         """A request has started to arrive: while any is on its way, a forming batch waits for it."""
@@ -263,8 +255,6 @@ class DynamicBatcher:
             return batch
 
     def _work(self) -> None:
-        if self.worker_init is not None:
-            self.worker_init()
         while True:
             batch = self._next_batch()
             if batch is None:
