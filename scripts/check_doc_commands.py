@@ -16,8 +16,11 @@ command; lines that are only a comment are prose and skipped. The markers:
                           pytest), the rest starts, must answer 200 on /health/ready, serves the
                           [ci: client] commands, must survive them, and must stop cleanly on
                           SIGTERM (exit 0, or the SIGTERM it re-raises after shutting down).
-    [ci: client]          runs while the [ci: server] command of the same file serves; curl gets
-                          --fail-with-body, so an HTTP error answer fails the check.
+    [ci: client]          runs while the [ci: server] command of the same file serves or, in a
+                          file without one, README.md's (the quick start); curl gets
+                          --fail-with-body, so an HTTP error answer fails the check. Each server
+                          starts once and serves its clients in document order (README.md first,
+                          then docs/ by path).
     [tested: PATH::TEST]  a test runs this command or its short variant (named in the test); the
                           checker checks that PATH defines TEST (several: comma-separated).
     [not run: REASON]     cannot run here: a download, a GPU, Docker, Kubernetes, hours of work,
@@ -317,6 +320,27 @@ class Runner:
         return False
 
 
+def server_groups(commands: list[Command]) -> tuple[list[tuple[Command, list[Command]]], list[str]]:
+    """Each [ci: server] with the [ci: client] commands it serves, in document order, and problems.
+
+    A file's clients go to its own server; in a file without one, to README.md's.
+    """
+    docs = list(dict.fromkeys(c.doc for c in commands))
+    servers = {d: [c for c in commands if c.doc == d and c.kind == "ci" and c.arg == "server"] for d in docs}
+    groups: dict[str, list[Command]] = {d: [] for d in docs if len(servers[d]) == 1}
+    problems = [f"{d}: more than one [ci: server] command" for d in docs if len(servers[d]) > 1]
+    for doc in docs:
+        clients = [c for c in commands if c.doc == doc and c.kind == "ci" and c.arg == "client"]
+        host = doc if servers[doc] else "README.md"
+        if not clients or len(servers[doc]) > 1:
+            continue
+        if host not in groups:
+            problems.append(f"{doc}: [ci: client] commands need a [ci: server] command here or in README.md")
+        else:
+            groups[host].extend(clients)
+    return [(servers[d][0], clients) for d, clients in groups.items()], problems
+
+
 def check(paths: list[Path] | None = None, run: bool = True, root: Path = ROOT) -> list[str]:
     """Every problem with the commands of `paths` (default: README.md and docs/**/*.md)."""
     problems: list[str] = []
@@ -326,6 +350,8 @@ def check(paths: list[Path] | None = None, run: bool = True, root: Path = ROOT) 
         commands.extend(extract(path.read_text(), rel))
     for command in commands:
         problems.extend(marker_problems(command, root))
+    groups, group_problems = server_groups(commands)
+    problems.extend(group_problems)
     if not run or problems:
         return problems
     with tempfile.TemporaryDirectory(prefix="doc-commands-") as tmp:
@@ -336,13 +362,8 @@ def check(paths: list[Path] | None = None, run: bool = True, root: Path = ROOT) 
             text = runner.fill(command.text + (f" {command.arg}" if command.arg else ""))
             if problem := runner.run(command, text):
                 problems.append(problem)
-        for doc in dict.fromkeys(c.doc for c in commands):
-            servers = [c for c in commands if c.doc == doc and c.kind == "ci" and c.arg == "server"]
-            clients = [c for c in commands if c.doc == doc and c.kind == "ci" and c.arg == "client"]
-            if clients and len(servers) != 1:
-                problems.append(f"{doc}: [ci: client] commands need exactly one [ci: server] command")
-            elif servers:
-                problems.extend(runner.serve(servers[0], clients) if len(servers) == 1 else [])
+        for server, clients in groups:
+            problems.extend(runner.serve(server, clients))
     return problems
 
 
