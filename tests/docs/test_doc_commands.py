@@ -89,3 +89,21 @@ def test_documented_commands():
     assert shutil.which("curl"), "the README's client commands need curl"
     problems = checker.check()
     assert not problems, "\n\n".join(problems)
+
+
+def test_clients_without_a_server_of_their_own_use_the_readmes():
+    readme = "```bash\nuvicorn app.main:app --port 8000   # [ci: server]\ncurl a   # [ci: client]\n```\n"
+    guide = "```bash\ncurl b   # [ci: client]\n```\n"
+    own = "```bash\npython -m other --port 8000   # [ci: server]\ncurl c   # [ci: client]\n```\n"
+    commands = [
+        *checker.extract(readme, "README.md"),
+        *checker.extract(guide, "docs/guide.md"),
+        *checker.extract(own, "docs/own.md"),
+    ]
+    groups, problems = checker.server_groups(commands)
+    assert problems == []
+    got = [(server.doc, [c.text for c in clients]) for server, clients in groups]
+    assert got == [("README.md", ["curl a", "curl b"]), ("docs/own.md", ["curl c"])]
+    _, problems = checker.server_groups(checker.extract(guide, "docs/guide.md"))
+    where = "here or in README.md"
+    assert problems == [f"docs/guide.md: [ci: client] commands need a [ci: server] command {where}"]
