@@ -8,8 +8,19 @@ One file, loadable with ``torch.load(path, weights_only=True)``: a dict of tenso
         "model": "FinalModel",                # or "LiteModel" (app.model.ARCHITECTURES)
         "state_dict": {...},                  # the unwrapped model's tensors
         "classes": [...], "mean": [...], "std": [...], "input_shape": [3, 32, 32],
-        "metrics": {...}, "config": {...}, "epoch": int, "data_fingerprint": str,
-        "code_version": str, "torch_version": str, "device": str, "created_at": ISO-8601 str,
+        "torch_version": str,
+        # what python -m training adds (training/train.py):
+        "metrics": {"train_acc", "val_acc"; at the end also "test_acc", "test_acc_tta",
+                    "test_loss", "per_class_accuracy", "best_epoch", "test_images"},
+        "config": {...},                      # every TrainConfig field
+        "epoch": int,                         # epochs run when it was written
+        "total_epochs": int,                  # with the --init parent's epochs
+        "complete": bool,                     # epoch == config["epochs"]
+        "duration_s": float,                  # training time so far
+        "data_fingerprint": str, "data_source": str,  # sha256 of the decoded data; its file name
+        "code_version": str, "device": str, "created_at": ISO-8601 str,
+        "init": {"path", "sha256", "epochs", "metrics"},           # only with --init
+        "teacher": {"path", "sha256", "widths", "val_acc"},        # only with --teacher
     }
 
 A bare state_dict (a user's own ``torch.save(model.state_dict(), f)``) loads too; its metadata is

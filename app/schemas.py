@@ -95,5 +95,10 @@ class ModelSummary(BaseModel):
 
 
 class Health(BaseModel):
-    status: str = Field(description="alive, ready, starting or stopping.")
-    model_sha256: str | None = None
+    status: str = Field(
+        description="/health/live: alive. /health/ready: ready (200), or starting, draining or stopping "
+        "(503 with Retry-After)."
+    )
+    model_sha256: str | None = Field(
+        default=None, description="sha256 of the served weights file; null while loading and in 503 answers."
+    )
