@@ -38,7 +38,16 @@ def _predict(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    uvicorn.run("app.main:app", host=args.host, port=args.port, log_level=args.log_level)
+    # The HTTP protocol with the connection cap, the slow-client deadlines and the admission gate
+    # (app/connections.py); a listen backlog as deep as the connection cap.
+    uvicorn.run(
+        "app.main:app",
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        http=args.http,
+        backlog=args.backlog,
+    )
     return 0
 
 
@@ -71,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     s.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     s.add_argument("--log-level", default="info", help="uvicorn's log level (default: %(default)s)")
+    s.add_argument(
+        "--http",
+        default="app.connections:GuardedHTTPProtocol",
+        help="uvicorn's HTTP protocol (default: %(default)s: connection cap, slow-client deadlines and the "
+        "admission gate; 'httptools' or 'h11' for uvicorn's own, without them)",
+    )
+    s.add_argument("--backlog", type=int, default=2048, help="listen backlog (default: %(default)s)")
     s.set_defaults(run=_serve)
     return parser
 

@@ -24,6 +24,7 @@ PREFIX = "cifar10"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 RELOAD_OUTCOMES = ("swapped", "refused")
+SLOW_PHASES = ("headers", "body")
 UNMATCHED_ROUTE = "unmatched"  # 404s, so that made-up paths cannot blow up the label set
 
 
@@ -112,6 +113,25 @@ class Metrics:
         )
         for outcome in RELOAD_OUTCOMES:
             self.reloads.labels(outcome)
+        # Counted by app.connections.GuardedHTTPProtocol, before the ASGI app.
+        self.slow_clients = Counter(
+            f"{PREFIX}_slow_clients",
+            "Connections cut off because a request's headers or body did not arrive in time, by phase.",
+            ["phase"],
+            registry=registry,
+        )
+        for phase in SLOW_PHASES:
+            self.slow_clients.labels(phase)
+        self.connections_refused = Counter(
+            f"{PREFIX}_connections_refused",
+            "Connections refused at once because the process had max_connections open.",
+            registry=registry,
+        )
+        self.admission_waiting = Gauge(
+            f"{PREFIX}_admission_waiting",
+            "POST requests waiting for a place among max_active_requests (answered 503 after admission_wait_s).",
+            registry=registry,
+        )
         self._label_counters = [self.predictions.labels(c) for c in CLASSES]
 
     def observe_batch(self, size: int, run_s: float, waits: list[float]) -> None:

@@ -129,6 +129,34 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("INFO", description="Level of the service's own log lines.")
 
+    # Connections, slow clients and admission under overload: enforced per connection, before the
+    # ASGI app, by app.connections.GuardedHTTPProtocol (uvicorn --http; `cifar10-cnn serve` uses it).
+    header_timeout_s: Annotated[float, Field(gt=0, le=3600)] = Field(
+        5.0,
+        description="Longest time a request's headers may take, from its first byte (or the connection "
+        "opening); a slower client gets 408 and the connection is closed.",
+    )
+    body_timeout_s: Annotated[float, Field(gt=0, le=3600)] = Field(
+        30.0,
+        description="Longest time a request's body may take once its headers are in; a slower client gets "
+        "408 and the connection is closed.",
+    )
+    max_connections: Annotated[int, Field(ge=1)] = Field(
+        2048,
+        description="Open connections per process; past it a new connection gets 503 and is closed before "
+        "anything is read.",
+    )
+    max_active_requests: Annotated[int, Field(ge=1)] = Field(
+        64,
+        description="POST requests running in the app at once; more wait, in arrival order, for a "
+        "running one to finish, for at most admission_wait_s.",
+    )
+    admission_wait_s: Annotated[float, Field(ge=0, le=60)] = Field(
+        1.0,
+        description="Longest wait for a place among max_active_requests; then 503 queue_full with "
+        "Retry-After, written without running the app.",
+    )
+
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:

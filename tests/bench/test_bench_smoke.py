@@ -19,10 +19,11 @@ import pytest
 from .conftest import REPO
 
 BENCH_SCRIPTS = sorted(p.name for p in (REPO / "bench").glob("*.py"))
-SMOKE_TESTED = {"serve_load.py", "soak.py", "train_throughput.py"}  # each has a test below
+SMOKE_TESTED = {"overload.py", "serve_load.py", "soak.py", "train_throughput.py"}  # each has a test below
 
 
 SMOKE_ARGS = {  # script -> its arguments besides --smoke; "{data}" is the tiny archive
+    "overload.py": ["--data", "{data}"],
     "soak.py": ["--data", "{data}"],
     "serve_load.py": ["--data", "{data}"],
     "train_throughput.py": [],
@@ -83,6 +84,16 @@ def test_soak_smoke(smoke_runs):
     assert "| window | requests | valid/s | valid p50 ms | valid p99 ms | all p99 ms | server RSS MB |" in out
     assert re.search(r"^\| 0-1 s \| [\d,]+ \|", out, re.M), out
     assert "server RSS:" in out and out.rstrip().endswith("PASS")
+
+
+def test_overload_smoke(smoke_runs):
+    """--smoke: the capacity phase and two overload phases (ignoring and honouring Retry-After)."""
+    out = smoke_runs("overload.py")
+    assert "| connections | Retry-After | goodput /s | / capacity | p50 ms | p99 ms | max ms |" in out
+    for row in (r"4 \| ignore", r"16 \| ignore", r"16 \| honour"):
+        assert re.search(rf"^\| {row} \| [\d,]+ \| [\d.]+ \| ", out, re.M), f"no row {row}\n{out}"
+    assert re.search(r"^capacity \(4:ignore\): [\d,]+ answers/s$", out, re.M), out
+    assert "server: slow clients cut off headers 0, body 0; connections refused over the cap 0" in out
 
 
 def test_serve_load_smoke(smoke_runs):

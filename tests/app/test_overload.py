@@ -1,0 +1,210 @@
+"""Slow clients, the connection cap and the admission gate (app/connections.py) on a real server.
+
+One `cifar10-cnn serve` process with small limits: headers within 1 s, a body within 1.5 s, at
+most 2 POST requests in the app (others wait up to 0.5 s), at most 40 connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import time
+
+import httpx
+import pytest
+
+from ..live import live_service
+from .images import jpeg_bytes
+
+HEADER_S, BODY_S, WAIT_S, MAX_CONNECTIONS = 1.0, 1.5, 0.5, 40
+SLACK_S = 1.5  # a busy two-core machine answers late; the limits are what is checked
+BOUNDARY = "overload-test"
+
+
+def predict_request(jpeg: bytes) -> bytes:
+    body = (
+        (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + jpeg
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
+    head = (
+        "POST /predict HTTP/1.1\r\nHost: test\r\n"
+        f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+@pytest.fixture(scope="module")
+def url():
+    with live_service(
+        CIFAR10_HEADER_TIMEOUT_S=str(HEADER_S),
+        CIFAR10_BODY_TIMEOUT_S=str(BODY_S),
+        CIFAR10_MAX_ACTIVE_REQUESTS="2",
+        CIFAR10_ADMISSION_WAIT_S=str(WAIT_S),
+        CIFAR10_MAX_CONNECTIONS=str(MAX_CONNECTIONS),
+    ) as url:
+        yield url
+
+
+def connect(url: str) -> socket.socket:
+    host, port = httpx.URL(url).host, httpx.URL(url).port
+    sock = socket.create_connection((host, port), timeout=15)
+    return sock
+
+
+def read_until_closed(sock: socket.socket) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and when it closed (monotonic)."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data, time.monotonic()
+
+
+def slow_clients(url: str) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return dict(re.findall(r'^cifar10_slow_clients_total\{phase="(\w+)"\} (\S+)$', text, re.M))
+
+
+def test_a_stalled_body_is_cut_off_within_its_limit(url):
+    before = float(slow_clients(url)["body"])
+    with connect(url) as sock:
+        request = predict_request(jpeg_bytes())
+        sock.sendall(request[: len(request) - 100])  # headers and most of the body, then nothing
+        sent = time.monotonic()
+        answer, closed = read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert b'"code": "request_timeout"' in answer
+    assert BODY_S - 0.1 <= closed - sent <= BODY_S + SLACK_S
+    assert float(slow_clients(url)["body"]) == before + 1
+
+
+def test_stalled_headers_are_cut_off_within_their_limit(url):
+    before = float(slow_clients(url)["headers"])
+    with connect(url) as sock:
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-da")
+        sent = time.monotonic()
+        answer, closed = read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert HEADER_S - 0.1 <= closed - sent <= HEADER_S + SLACK_S
+    assert float(slow_clients(url)["headers"]) == before + 1
+
+
+def test_a_connection_that_sends_nothing_is_closed_without_an_answer(url):
+    with connect(url) as sock:
+        opened = time.monotonic()
+        answer, closed = read_until_closed(sock)
+    assert answer == b""
+    assert closed - opened <= HEADER_S + SLACK_S
+
+
+def test_a_trickle_of_header_bytes_does_not_keep_a_connection_open(url):
+    """uvicorn's keep-alive timer restarts with every byte; the header deadline does not."""
+    with connect(url) as sock:
+        started = time.monotonic()
+        try:
+            for byte in b"GET /health/live HTTP/1.1\r\nHost: test\r\n":
+                sock.sendall(bytes([byte]))
+                time.sleep(0.2)
+        except OSError:  # closed under us: what should happen
+            pass
+        answer, closed = read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert closed - started <= HEADER_S + SLACK_S
+
+
+def test_past_the_connection_cap_new_connections_are_refused_at_once(url):
+    socks = []
+    try:
+        for _ in range(MAX_CONNECTIONS + 5):  # all within the header deadline, so none is closed yet
+            socks.append(connect(url))
+        time.sleep(0.3)
+        answers = []
+        for sock in socks:
+            sock.setblocking(False)
+            try:
+                answers.append(sock.recv(4096))
+            except BlockingIOError:  # accepted: it says nothing until asked
+                answers.append(None)
+    finally:
+        for sock in socks:
+            sock.close()
+    refused = [a for a in answers if a is not None]
+    assert len(refused) >= 5, answers
+    assert len(answers) - len(refused) <= MAX_CONNECTIONS
+    for answer in refused:
+        assert answer.startswith(b"HTTP/1.1 503 "), answer[:200]
+        assert b"too_many_connections" in answer and b"retry-after: " in answer
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    assert float(re.search(r"^cifar10_connections_refused_total (\S+)$", text, re.M)[1]) >= 5
+
+
+async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> int:
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(re.search(rb"content-length: (\d+)", head, re.I)[1])
+    await reader.readexactly(length)
+    return int(head[9:12])
+
+
+async def _flood_and_probe(url: str, flooders: int, seconds: float) -> tuple[list[float], list[int], float]:
+    """`flooders` connections resend at once whatever they are told, for `seconds`; meanwhile a
+    probe posts one image at a time, honouring Retry-After. Returns the probe's latencies of its
+    200 answers, the flood's statuses, and the slowest /health/live answer seen during the flood."""
+    host, port = httpx.URL(url).host, httpx.URL(url).port
+    request = predict_request(jpeg_bytes())
+    loop = asyncio.get_running_loop()
+    stop = loop.time() + seconds
+    statuses: list[int] = []
+    admitted: list[float] = []
+    health: list[float] = []
+
+    async def flooder() -> None:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            while loop.time() < stop:
+                statuses.append(await _exchange(reader, writer, request))
+        finally:
+            writer.close()
+
+    async def probe() -> None:
+        await asyncio.sleep(0.5)  # into the flood
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            while loop.time() < stop:
+                started = loop.time()
+                status = await _exchange(reader, writer, request)
+                if status == 200:
+                    admitted.append(loop.time() - started)
+                else:
+                    await asyncio.sleep(1.0)
+        finally:
+            writer.close()
+
+    async def live() -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            while loop.time() < stop:
+                started = loop.time()
+                assert (await client.get("/health/live")).status_code == 200
+                health.append(loop.time() - started)
+                await asyncio.sleep(0.2)
+
+    await asyncio.wait_for(
+        asyncio.gather(probe(), live(), *(flooder() for _ in range(flooders))), seconds + 30
+    )
+    return admitted, statuses, max(health)
+
+
+def test_a_flood_that_ignores_retry_after_does_not_starve_admitted_requests(url):
+    admitted, statuses, slowest_health = asyncio.run(_flood_and_probe(url, flooders=30, seconds=6.0))
+    assert 503 in statuses, "the flood was never refused: the gate did not engage"
+    assert set(statuses) <= {200, 503}
+    assert statuses.count(200) > 0
+    assert admitted, "the probe was never admitted"
+    # An admitted request waits at most admission_wait_s for a place, then its share of the app's
+    # two places; the flood's refusals do not hold it up.
+    assert max(admitted) <= WAIT_S + 2.0 + SLACK_S, admitted
+    assert slowest_health <= 2.0
