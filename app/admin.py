@@ -2,7 +2,8 @@
 
     curl -X POST -H "Authorization: Bearer $CIFAR10_ADMIN_TOKEN" localhost:8000/admin/reload
 
-The same reload runs on SIGHUP (see `app.main`). The path is one the server reads, so only
+`?model=lite` reloads the small model (CIFAR10_LITE_WEIGHTS by default). The same reload runs on
+SIGHUP (see `app.main`), for every served model. The path is one the server reads, so only
 an operator holding the admin token may name it; the file is loaded with weights_only=True, so
 even a hostile file cannot run code, and it must pass every check before it serves.
 """
@@ -18,17 +19,21 @@ from pydantic import BaseModel, Field
 
 from app.checkpoint import CheckpointError
 from app.errors import ApiError, ErrorBody
-from app.routes import ServiceDep
+from app.routes import ModelQuery, ServiceDep
 from app.security import require_admin
 
 admin_router = APIRouter(tags=["admin"], dependencies=[Depends(require_admin)])
 
 
 class ReloadRequest(BaseModel):
-    path: str | None = Field(None, description="Weights file to load (default: CIFAR10_WEIGHTS).")
+    path: str | None = Field(
+        None,
+        description="Weights file to load (default: the model's configured file, CIFAR10_WEIGHTS for final).",
+    )
 
 
 class ReloadResult(BaseModel):
+    model: str = Field(description="The model reloaded: final or lite.")
     sha256: str = Field(description="sha256 of the weights now serving.")
     previous_sha256: str = Field(description="sha256 of the weights served before.")
     changed: bool = Field(description="False when the file loaded holds the weights already serving.")
@@ -50,24 +55,29 @@ def _error(status: int, description: str) -> dict[int | str, dict]:
         **_error(400, "The body is not valid JSON."),
         **_error(401, "The admin token is missing or wrong."),
         **_error(403, "Reloading is disabled: CIFAR10_ADMIN_TOKEN is not set."),
-        **_error(422, "The file is missing, damaged, unsafe or not FinalModel weights; the old serve on."),
+        **_error(404, "No model of that name is served."),
+        **_error(422, "The file is missing, damaged, unsafe or not the model's network; the old serve on."),
         **_error(503, "The service is starting or shutting down."),
     },
 )
 async def reload(
     service: ServiceDep,
     body: Annotated[ReloadRequest | None, Body()] = None,
-    path: Annotated[str | None, Query(description="Weights file to load (default: CIFAR10_WEIGHTS).")] = None,
+    path: Annotated[
+        str | None, Query(description="Weights file to load (default: the model's configured file).")
+    ] = None,
+    model: ModelQuery = None,
 ) -> ReloadResult:
     body_path = body.path if body is not None else None
     if path and body_path and path != body_path:
         raise ApiError(422, "invalid_request", "give the weights path once: in the query or in the body")
     started = time.perf_counter()
     try:
-        previous, loaded = await asyncio.to_thread(service.reload, body_path or path or None)
+        previous, loaded = await asyncio.to_thread(service.reload, body_path or path or None, model)
     except CheckpointError as exc:
         raise ApiError(422, "invalid_weights", f"{exc}; the old weights keep serving") from None
     return ReloadResult(
+        model=loaded.name,
         sha256=loaded.sha256,
         previous_sha256=previous.sha256,
         changed=loaded.sha256 != previous.sha256,

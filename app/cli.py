@@ -3,6 +3,7 @@
     cifar10-cnn predict samples/*.jpg                       # label and confidence per file
     cifar10-cnn predict cat.png --top-k 3 --json            # the service's JSON
     cifar10-cnn predict ship.jpg --url http://host:8000     # another service (or $CIFAR10_URL)
+    cifar10-cnn predict samples/*.jpg --model lite          # the small model
     cifar10-cnn serve --port 8000                           # uvicorn app.main:app
 
 Exit status: 0 answered, 1 the service refused or could not be reached, 2 a usage error or a
@@ -21,7 +22,7 @@ from app.client import DEFAULT_URL, Client, ClientError, FileError
 
 def _predict(args: argparse.Namespace) -> int:
     with Client(args.url, api_key=args.api_key, timeout=args.timeout) as client:
-        predictions = client.predict(args.images, top_k=args.top_k)
+        predictions = client.predict(args.images, top_k=args.top_k, model=args.model)
     if args.json:
         print(json.dumps(predictions, indent=2))
         return 0
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--top-k", type=int, default=3, help="classes per image, 1-10 (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the service's predictions as JSON")
+    p.add_argument("--model", help="the model to ask: final or lite (default: the service's, final)")
     p.add_argument(
         "--api-key",
         default=os.environ.get("CIFAR10_API_KEY"),

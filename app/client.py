@@ -102,8 +102,11 @@ class Client:
             response.status_code,
         )
 
-    def predict(self, images: Sequence[str | os.PathLike], top_k: int = 3) -> list[dict[str, Any]]:
-        """One prediction per image file ({filename, label, index, confidence, top_k}), in order.
+    def predict(
+        self, images: Sequence[str | os.PathLike], top_k: int = 3, model: str | None = None
+    ) -> list[dict[str, Any]]:
+        """One prediction per image file ({filename, label, index, confidence, top_k}), in order,
+        from `model` ("final", "lite"; default: the service's default).
 
         Files go `CHUNK` to a request; every file is read before the first request is sent.
         """
@@ -115,14 +118,14 @@ class Client:
             body = self._request(
                 "POST",
                 "/predict",
-                params={"top_k": top_k},
+                params={"top_k": top_k} if model is None else {"top_k": top_k, "model": model},
                 files=[("file", (name, data)) for name, data in chunk],
             )
             predictions += body["predictions"]
         return predictions
 
-    def summary(self) -> dict[str, Any]:
-        return self._request("GET", "/model/summary")
+    def summary(self, model: str | None = None) -> dict[str, Any]:
+        return self._request("GET", "/model/summary", params={} if model is None else {"model": model})
 
     def ready(self) -> bool:
         try:

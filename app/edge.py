@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from app.errors import ApiError, FileProblem, error_response
-from app.model import CLASSES, INPUT_SHAPE, MEAN, MODEL_NAME, STD
+from app.model import CLASSES, INPUT_SHAPE, MEAN, STD
 from app.schemas import (
     ClassProbability,
     InferenceInfo,
@@ -35,6 +35,7 @@ from app.service import (
     NotReady,
     ServiceError,
     TooManyFiles,
+    UnknownModel,
     dtype_name,
 )
 
@@ -43,6 +44,7 @@ _STATUS: dict[type[ServiceError], int] = {
     AtCapacity: 503,
     NoImages: 422,
     TooManyFiles: 413,
+    UnknownModel: 404,
 }
 
 
@@ -95,7 +97,9 @@ def predict_response(result: Classification) -> PredictResponse:
     loaded = result.model
     return PredictResponse(
         predictions=predictions,
-        model=ModelRef(name=MODEL_NAME, sha256=loaded.sha256, device=str(loaded.device)),
+        model=ModelRef(
+            name=loaded.architecture, id=loaded.name, sha256=loaded.sha256, device=str(loaded.device)
+        ),
         timing=Timing(
             total_ms=1000 * result.total_s,
             decode_ms=1000 * result.decode_s,
@@ -106,11 +110,12 @@ def predict_response(result: Classification) -> PredictResponse:
     )
 
 
-def model_summary(service: ModelService) -> ModelSummary:
-    loaded, s = service.model, service.settings
+def model_summary(service: ModelService, model: str | None = None) -> ModelSummary:
+    loaded, s = service.loaded(model), service.settings
     info = loaded.predictor.info
     return ModelSummary(
-        model=MODEL_NAME,
+        model=loaded.architecture,
+        id=loaded.name,
         total_params=loaded.total_params,
         trainable_params=loaded.trainable_params,
         non_trainable_params=loaded.total_params - loaded.trainable_params,

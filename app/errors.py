@@ -180,6 +180,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     described = {
         400: "An upload is empty, truncated or damaged.",
         413: "The body, the number of files or an image's pixel count is over its limit.",
+        404: "No model of that name is served (see ?model=).",
         415: "An upload is not an image in a supported format (text, PDF, SVG...), "
         "or the body is not multipart/form-data.",
         422: "The field 'file' is missing or misnamed, or a query parameter is invalid.",

@@ -40,6 +40,7 @@ from fastapi import Depends, FastAPI
 from fastapi_offline import FastAPIOffline
 from pydantic import ValidationError
 from starlette.middleware.cors import CORSMiddleware
+from starlette.types import Scope
 
 from app import openapi
 from app.admin import admin_router
@@ -57,7 +58,7 @@ from app.middleware import (
 )
 from app.page import DocsPolicyMiddleware
 from app.page import router as page_router
-from app.routes import inference_router, model_router, ops_router
+from app.routes import inference_router, model_router, ops_router, requested_model
 from app.security import API_KEY_HEADER, require_api_key
 from app.service import ModelService, PredictorFactory, ServiceError, StartupError
 from app.settings import Settings, env_name
@@ -110,13 +111,17 @@ def _configure_logging(level: str) -> None:
 
 
 async def _reload_on_sighup(service: ModelService) -> None:
-    log.info("SIGHUP: reloading the weights from %s", service.settings.weights)
-    try:
-        await asyncio.to_thread(service.reload)  # logs the swap itself
-    except CheckpointError as exc:
-        log.error("SIGHUP: reload refused: %s; still serving sha256 %s...", exc, service.model.sha256[:12])
-    except ServiceError as exc:
-        log.warning("SIGHUP: no reload: %s", exc.message)
+    """Every served model reloads from its configured file; one refused keeps its old weights."""
+    for name in service.model_names:
+        log.info("SIGHUP: reloading %r from %s", name, service.slot(name).weights)
+        try:
+            await asyncio.to_thread(service.reload, None, name)  # logs the swap itself
+        except CheckpointError as exc:
+            sha = service.loaded(name).sha256[:12]
+            log.error("SIGHUP: reload refused for %r: %s; still serving sha256 %s...", name, exc, sha)
+        except ServiceError as exc:
+            log.warning("SIGHUP: no reload: %s", exc.message)
+            return
 
 
 async def _drain_then_stop(service: ModelService, stop: Callable[[], Any]) -> None:
@@ -252,9 +257,9 @@ def create_app(settings: Settings | None = None, make_predictor: PredictorFactor
     # Every inference route gets the API key, admission (readiness, queue, drain) and metrics.
     inference_paths = frozenset(route.path for router in inference_routers for route in router.routes)
 
-    def admit() -> Arrival:
+    def admit(scope: Scope) -> Arrival:
         try:
-            return service.admit()
+            return service.admit(requested_model(scope))
         except ServiceError as exc:
             raise api_error(exc, settings.retry_after_s) from None
 

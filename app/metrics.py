@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -75,8 +76,8 @@ class Metrics:
         self.images = Counter(f"{PREFIX}_images_processed", "Images classified.", registry=registry)
         self.predictions = Counter(
             f"{PREFIX}_predictions",
-            "Images classified, by predicted label.",
-            ["label"],
+            "Images classified, by model and predicted label.",
+            ["model", "label"],
             registry=registry,
         )
         self.rejected = Counter(
@@ -92,17 +93,26 @@ class Metrics:
         )
         self.in_flight = Gauge(
             f"{PREFIX}_requests_in_flight",
-            "/predict requests admitted and not yet answered (what a SIGTERM drain waits for).",
+            "Inference requests admitted and not yet answered (what a SIGTERM drain waits for).",
             registry=registry,
         )
         self.ready = Gauge(f"{PREFIX}_ready", "1 once the model is loaded and warmed up.", registry=registry)
-        self.model_info = Info(f"{PREFIX}_model", "The model being served.", registry=registry)
+        self.model_info = Info(
+            f"{PREFIX}_model",
+            "The models being served, by the name clients use.",
+            ["model"],
+            registry=registry,
+        )
         self.model_parameters = Gauge(
-            f"{PREFIX}_model_parameters", "Parameters of the model being served.", registry=registry
+            f"{PREFIX}_model_parameters",
+            "Parameters of each model being served.",
+            ["model"],
+            registry=registry,
         )
         self.model_test_accuracy = Gauge(
             f"{PREFIX}_model_test_accuracy",
-            "Test accuracy recorded in the checkpoint (fraction; NaN when it has none).",
+            "Test accuracy recorded in each served checkpoint (fraction; NaN when it has none).",
+            ["model"],
             registry=registry,
         )
         self.reloads = Counter(
@@ -132,7 +142,7 @@ class Metrics:
             "POST requests waiting for a place among max_active_requests (answered 503 after admission_wait_s).",
             registry=registry,
         )
-        self._label_counters = [self.predictions.labels(c) for c in CLASSES]
+        self._label_counters: dict[str, list[Any]] = {}
 
     def observe_batch(self, size: int, run_s: float, waits: list[float]) -> None:
         """Called by the batcher's workers after each batch."""
@@ -142,9 +152,12 @@ class Metrics:
         for wait in waits:
             self.queue_wait_seconds.observe(wait)
 
-    def count_labels(self, indices: list[int]) -> None:
+    def count_labels(self, indices: list[int], model: str) -> None:
+        counters = self._label_counters.get(model)
+        if counters is None:
+            counters = self._label_counters[model] = [self.predictions.labels(model, c) for c in CLASSES]
         for i in indices:
-            self._label_counters[i].inc()
+            counters[i].inc()
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

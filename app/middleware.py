@@ -104,7 +104,8 @@ class ApiKeyMiddleware:
 class AdmissionMiddleware:
     """Admits a POST to one of `paths` before its body is read: 503 while not ready or the queue is full.
 
-    `admit()` raises ApiError or returns the request's `Arrival`, which tells the batcher that
+    `admit(scope)` raises ApiError or returns the request's `Arrival` (the scope says which model's
+    queue the request is for), which tells the batcher that
     a request is on its way; it is kept in the request's state (`request.state.arrival`) for
     the route, and settled here at the latest, when the answer has been sent. `done()` is
     called then too, for every admitted request: the service counts requests in flight.
@@ -114,7 +115,7 @@ class AdmissionMiddleware:
         self,
         app: ASGIApp,
         paths: frozenset[str],
-        admit: Callable[[], Arrival],
+        admit: Callable[[Scope], Arrival],
         done: Callable[[], None],
         metrics: Metrics,
     ) -> None:
@@ -129,7 +130,7 @@ class AdmissionMiddleware:
             await self.app(scope, receive, send)
             return
         try:
-            arrival = self.admit()
+            arrival = self.admit(scope)
         except ApiError as error:
             self.metrics.rejected.labels(error.code).inc()
             await error_response(error)(scope, receive, send)

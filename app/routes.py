@@ -9,9 +9,11 @@ inference route is declared here once. A `ServiceError` a route lets rise is ans
 from __future__ import annotations
 
 from typing import Annotated, Literal
+from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Depends, File, Query, Request, Response, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.types import Scope
 
 from app.edge import model_summary as build_summary
 from app.edge import predict_response
@@ -34,6 +36,28 @@ async def get_metrics(request: Request) -> Metrics:
 
 ServiceDep = Annotated[ModelService, Depends(get_service)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+# The admission middleware reads the same parameter (app.main.requested_model) to queue the request.
+ModelQuery = Annotated[
+    str | None,
+    Query(
+        description="The model to ask: final (FinalModel, the default) or lite (LiteModel, "
+        "when its weights are configured).",
+        examples=["final", "lite"],
+    ),
+]
+
+
+def requested_model(scope: Scope) -> str | None:
+    """The model an inference request asks for, before its body is read: the name in
+    /v2/models/{name}/infer, else the `model` query parameter; None for the default."""
+    path: str = scope["path"]
+    if path.startswith("/v2/models/"):
+        return path.split("/")[3]
+    for key, value in parse_qsl(scope.get("query_string", b"").decode("latin-1")):
+        if key == "model":
+            return value
+    return None
+
 
 inference_router = APIRouter(tags=["predict"])
 model_router = APIRouter(tags=["model"])
@@ -44,7 +68,7 @@ ops_router = APIRouter(tags=["operations"])
     "/predict",
     response_model=PredictResponse,
     summary="Classify one or more images",
-    responses=error_responses(400, 413, 415, 422, 503),
+    responses=error_responses(400, 404, 413, 415, 422, 503),
     description=(
         "Upload images as multipart/form-data, in the field `file` (repeat it for several, up to "
         "the configured maximum). Any format Pillow reads among "
@@ -66,10 +90,12 @@ async def predict(
         int | None,
         Query(ge=1, le=MAX_TOP_K, description="Classes to list per image (default: CIFAR10_TOP_K, 3)."),
     ] = None,
+    model: ModelQuery = None,
 ) -> PredictResponse:
     uploads = [Upload(f.filename or None, f.file, f.size) for f in files]
     arrival = getattr(request.state, "arrival", None)  # set by AdmissionMiddleware
-    return predict_response(await service.classify(uploads, top_k or service.settings.top_k, arrival))
+    top_k = top_k or service.settings.top_k
+    return predict_response(await service.classify(uploads, top_k, arrival, model))
 
 
 @model_router.get(
@@ -78,7 +104,7 @@ async def predict(
     summary="The model's layers, parameters, device and checkpoint metadata",
     responses={
         200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
-        **error_responses(422, 503),
+        **error_responses(404, 422, 503),
     },
 )
 async def model_summary(
@@ -86,14 +112,15 @@ async def model_summary(
     format: Annotated[
         Literal["json", "text"], Query(description="text: the layer table in torchsummary's layout.")
     ] = "json",
+    model: ModelQuery = None,
 ) -> ModelSummary | PlainTextResponse:
     if not service.ready:
         raise service.not_ready()
     if format == "text":
-        loaded = service.model
+        loaded = service.loaded(model)
         table = format_layer_table(loaded.layers, loaded.total_params, loaded.trainable_params)
         return PlainTextResponse(table + "\n")
-    return build_summary(service)
+    return build_summary(service, model)
 
 
 @ops_router.get("/health/live", response_model=Health, summary="The process is up (it may still be loading)")

@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+MODEL_ID = "The name to ask for it by: final (the default) or lite, in ?model= and /v2/models/."
+
 
 class ClassProbability(BaseModel):
     label: str
@@ -21,7 +23,8 @@ class Prediction(BaseModel):
 
 
 class ModelRef(BaseModel):
-    name: str
+    name: str = Field(description="The network: FinalModel or LiteModel.")
+    id: str = Field(description=MODEL_ID)
     sha256: str = Field(description="sha256 of the weights file that made these predictions.")
     device: str
 
@@ -73,7 +76,8 @@ class InferenceInfo(BaseModel):
 
 
 class ModelSummary(BaseModel):
-    model: str
+    model: str = Field(description="The network: FinalModel or LiteModel.")
+    id: str = Field(description=MODEL_ID)
     total_params: int
     trainable_params: int
     non_trainable_params: int

@@ -1,12 +1,14 @@
-"""The model behind the API, as a domain: lifecycle, loading and swapping, admission, batching, `classify`.
+"""The models behind the API, as a domain: lifecycle, loading and swapping, admission, batching, `classify`.
 
 `ModelService` speaks in domain results (`Classification`) and domain errors (`ServiceError`
 and its kinds); it knows nothing of HTTP. The HTTP edge (`app.edge`) turns both into answers:
 statuses, error bodies, Retry-After, response models.
 
-The served model sits in one attribute that holds an immutable `LoadedModel`, whose `Predictor`
-(`app.predictor`: PyTorch or ONNX Runtime) runs the forward pass; every batch reads it once, so
-`swap()` replaces model and predictor atomically while requests keep flowing. `reload()`
+Two models may be served side by side, by name (`ModelSlot`): `final` (FinalModel, the default)
+and `lite` (LiteModel, when its weights are configured). Each slot has its own queue and batcher,
+since a batch runs one network, and one attribute that holds an immutable `LoadedModel`, whose
+`Predictor` (`app.predictor`: PyTorch or ONNX Runtime) runs the forward pass; every batch reads it
+once, so `swap()` replaces model and predictor atomically while requests keep flowing. `reload()`
 (POST /admin/reload, SIGHUP) loads, checks, builds the predictor for and warms a new
 checkpoint off to the side and only then swaps it in; a file that fails any check is refused
 and the old weights keep serving.
@@ -30,8 +32,9 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -43,7 +46,7 @@ from app.checkpoint import CheckpointError, build_model, load_checkpoint
 from app.device import resolve_device
 from app.imaging import UploadError, read_upload
 from app.metrics import Metrics
-from app.model import CLASSES, INPUT_SHAPE, MODEL_NAME, LayerRow, count_parameters, layer_table
+from app.model import CLASSES, INPUT_SHAPE, MODEL_KEYS, LayerRow, count_parameters, layer_table
 from app.predictor import Predictor, PredictorError, TorchPredictor, build_predictor, check_output
 from app.settings import Settings, env_name
 
@@ -52,6 +55,9 @@ log = logging.getLogger(__name__)
 # Requests up to this size are decoded on the event loop instead of in the decode threads.
 INLINE_DECODE_BYTES = 64 * 1024
 INLINE_DECODE_PIXELS = 256 * 256
+
+# The model a request gets when it names none.
+DEFAULT_MODEL = "final"
 
 # Builds the predictor for a model already on its device; tests hand the service a fake one.
 PredictorFactory = Callable[[torch.nn.Module, torch.device], Predictor]
@@ -101,6 +107,12 @@ class TooManyFiles(ServiceError):
     code = "too_many_files"
 
 
+class UnknownModel(ServiceError):
+    """A model name the service does not serve."""
+
+    code = "model_not_found"
+
+
 @dataclass(frozen=True)
 class UploadProblem:
     index: int  # position in the request, from 0
@@ -126,6 +138,8 @@ class LoadedModel:
 
     predictor: Predictor
     device: torch.device
+    name: str  # what clients call it: "final", "lite"
+    architecture: str  # the network: "FinalModel", "LiteModel"
     sha256: str
     weights_file: str
     meta: dict[str, Any]
@@ -149,17 +163,23 @@ def _reference_predictor(model: torch.nn.Module, device: torch.device) -> Predic
 
 
 def load_model(
-    weights: str | Path, device: torch.device, make_predictor: PredictorFactory | None = None
+    weights: str | Path,
+    device: torch.device,
+    make_predictor: PredictorFactory | None = None,
+    name: str = DEFAULT_MODEL,
 ) -> LoadedModel:
-    """Read and check a checkpoint, put its model on `device` and build its predictor.
+    """Read and check a checkpoint of model `name` ("final", "lite"), put its network on `device`
+    and build its predictor.
 
     Raises CheckpointError for a file that fails a check: besides those of `load_checkpoint` and
-    `build_model` (format, architecture, classes, finite weights), one forward pass through the
-    predictor on a fixed image must give finite logits of shape (1, 10). Raises PredictorError
-    when the predictor cannot be built here.
+    `build_model` (format, architecture, classes, finite weights; a LiteModel is refused where a
+    FinalModel is due and the other way round), one forward pass through the predictor on a fixed
+    image must give finite logits of shape (1, 10). Raises PredictorError when the predictor
+    cannot be built here.
     """
+    architecture = MODEL_KEYS[name]
     ckpt = load_checkpoint(weights)
-    model = build_model(ckpt, MODEL_NAME)  # LiteModel is not served (yet)
+    model = build_model(ckpt, architecture)
     layers = layer_table(model)  # measured on the CPU, before the move
     total, trainable = count_parameters(model)
     model.to(device)
@@ -174,6 +194,8 @@ def load_model(
     return LoadedModel(
         predictor=predictor,
         device=device,
+        name=name,
+        architecture=architecture,
         sha256=ckpt.sha256,
         weights_file=Path(ckpt.path).name,
         meta=ckpt.meta,
@@ -212,6 +234,21 @@ def _warmup_image() -> bytes:
     return buffer.getvalue()
 
 
+@dataclass(eq=False)
+class ModelSlot:
+    """One served model: the name clients use, its weights file, its own queue and the loaded model."""
+
+    name: str  # "final", "lite"
+    weights: Path  # the configured file: startup, SIGHUP and a reload without a path read it
+    loaded: LoadedModel | None = None  # None until the first load
+    batcher: DynamicBatcher | None = None
+    reload_lock: threading.Lock = field(default_factory=threading.Lock)  # one reload at a time
+
+    @property
+    def architecture(self) -> str:
+        return MODEL_KEYS[self.name]
+
+
 class ModelService:
     def __init__(
         self, settings: Settings, metrics: Metrics, make_predictor: PredictorFactory | None = None
@@ -220,10 +257,12 @@ class ModelService:
         self.metrics = metrics
         self.state = State.STARTING
         self._make_predictor = self._configured_predictor if make_predictor is None else make_predictor
-        self._model: LoadedModel | None = None
-        self._reload_lock = threading.Lock()  # one reload at a time
-        self.in_flight = 0  # /predict requests admitted and not yet answered (event-loop thread only)
-        self._batcher: DynamicBatcher | None = None
+        # Decided here, before loading, so that the routes for every model can be declared up front.
+        self._slots = {DEFAULT_MODEL: ModelSlot(DEFAULT_MODEL, settings.weights)}
+        lite = settings.lite_weights
+        if lite is not None and (lite.exists() or "lite_weights" in settings.model_fields_set):
+            self._slots["lite"] = ModelSlot("lite", lite)  # a file named on purpose must load
+        self.in_flight = 0  # inference requests admitted and not yet answered (event-loop thread only)
         self._decode_pool: ThreadPoolExecutor | None = None
         self.device: torch.device | None = None
         self.workers = 0
@@ -236,26 +275,45 @@ class ModelService:
         return self.state is State.READY
 
     @property
+    def model_names(self) -> list[str]:
+        """The models served, by the names clients use; the default first."""
+        return list(self._slots)
+
+    def slot(self, name: str | None = None) -> ModelSlot:
+        """The slot of model `name` (default: the default model). Raises UnknownModel."""
+        slot = self._slots.get(DEFAULT_MODEL if name is None else name)
+        if slot is None:
+            served = ", ".join(repr(n) for n in self._slots)
+            raise UnknownModel(f"there is no model {name!r} here; the models served are {served}")
+        return slot
+
+    @property
     def loaded_model(self) -> LoadedModel | None:
-        """The model being served, or None before the first load."""
-        return self._model
+        """The default model being served, or None before the first load."""
+        return self._slots[DEFAULT_MODEL].loaded
 
     @property
     def model(self) -> LoadedModel:
-        if self._model is None:
+        return self.loaded(DEFAULT_MODEL)
+
+    def loaded(self, name: str | None = None) -> LoadedModel:
+        """Model `name` as served now. Raises UnknownModel, or NotReady before its first load."""
+        loaded = self.slot(name).loaded
+        if loaded is None:
             raise self.not_ready()
-        return self._model
+        return loaded
 
     @property
     def batcher(self) -> DynamicBatcher | None:
-        return self._batcher
+        return self._slots[DEFAULT_MODEL].batcher
 
     def _configured_predictor(self, model: torch.nn.Module, device: torch.device) -> Predictor:
         s = self.settings
         return build_predictor(model, device, s.backend, s.precision, s.layout, threads=self.torch_threads)
 
     def start(self) -> None:
-        """Blocking: resolve the device, load, warm up, start the threads. Raises StartupError."""
+        """Blocking: resolve the device, load and warm up every model, start the threads. Raises
+        StartupError."""
         s = self.settings
         try:
             self.device = resolve_device(s.device)
@@ -264,47 +322,59 @@ class ModelService:
         self.workers = s.resolved_workers(self.device.type)
         self.torch_threads = s.resolved_torch_threads(self.device.type)
         torch.set_num_threads(self.torch_threads)  # process-wide, shared by every worker
-        try:
-            loaded = load_model(s.weights, self.device, self._make_predictor)
-        except CheckpointError as exc:
-            raise StartupError(f"{exc} (set {env_name('weights')} to a FinalModel checkpoint)") from None
-        except PredictorError as exc:
-            raise StartupError(f"{exc} (set {env_name('backend')} and {env_name('precision')})") from None
+        warm_up_s: dict[str, float] = {}
+        for slot in self._slots.values():
+            started = time.perf_counter()
+            setting = env_name("weights" if slot.name == DEFAULT_MODEL else "lite_weights")
+            try:
+                loaded = load_model(slot.weights, self.device, self._make_predictor, slot.name)
+            except CheckpointError as exc:
+                raise StartupError(f"{exc} (set {setting} to a {slot.architecture} checkpoint)") from None
+            except PredictorError as exc:
+                raise StartupError(f"{exc} (set {env_name('backend')} and {env_name('precision')})") from None
+            if s.warmup:
+                self._warm_up(loaded)
+            self.swap(loaded)
+            warm_up_s[slot.name] = time.perf_counter() - started
 
-        started = time.perf_counter()
-        if s.warmup:
-            self._warm_up(loaded)
-        self.swap(loaded)
         self._decode_pool = ThreadPoolExecutor(s.resolved_decode_threads(), thread_name_prefix="decode")
-        self._batcher = DynamicBatcher(
-            self._run_batch,
-            max_batch_size=s.max_batch_size,
-            max_wait_s=s.max_wait_ms / 1000,
-            max_queue_size=s.max_queue_size,
-            workers=self.workers,
-            batching=s.batching,
-            on_batch=self.metrics.observe_batch,
+        for slot in self._slots.values():
+            slot.batcher = DynamicBatcher(
+                partial(self._run_batch, slot),
+                max_batch_size=s.max_batch_size,
+                max_wait_s=s.max_wait_ms / 1000,
+                max_queue_size=s.max_queue_size,
+                workers=self.workers,
+                batching=s.batching,
+                on_batch=self.metrics.observe_batch,
+            )
+            slot.batcher.start()
+        self.metrics.queue_images.set_function(
+            lambda: sum(slot.batcher.pending for slot in self._slots.values() if slot.batcher)
         )
-        self._batcher.start()
-        self.metrics.queue_images.set_function(lambda: self._batcher.pending if self._batcher else 0)
         self.metrics.in_flight.set_function(lambda: self.in_flight)
         self.state = State.READY
         self.metrics.ready.set(1)
-        accuracy = "not recorded" if loaded.test_accuracy is None else f"{100 * loaded.test_accuracy:.2f}%"
-        log.info(
-            "serving %s from %s (sha256 %s..., test accuracy %s) on %s; %d inference worker(s); "
-            "batching %s (up to %d images, %.1f ms); %s",
-            MODEL_NAME,
-            s.weights,
-            loaded.sha256[:12],
-            accuracy,
-            loaded.predictor.info.describe(),
-            self.workers,
-            "on" if s.batching else "off",
-            s.max_batch_size,
-            s.max_wait_ms,
-            f"warm-up took {time.perf_counter() - started:.2f} s" if s.warmup else "no warm-up",
-        )
+        for slot in self._slots.values():
+            loaded = self.loaded(slot.name)
+            accuracy = (
+                "not recorded" if loaded.test_accuracy is None else f"{100 * loaded.test_accuracy:.2f}%"
+            )
+            log.info(
+                "serving %s as %r from %s (sha256 %s..., test accuracy %s) on %s; %d inference "
+                "worker(s); batching %s (up to %d images, %.1f ms); %s",
+                slot.architecture,
+                slot.name,
+                slot.weights,
+                loaded.sha256[:12],
+                accuracy,
+                loaded.predictor.info.describe(),
+                self.workers,
+                "on" if s.batching else "off",
+                s.max_batch_size,
+                s.max_wait_ms,
+                f"loading and warm-up took {warm_up_s[slot.name]:.2f} s" if s.warmup else "no warm-up",
+            )
 
     def _warm_up(self, loaded: LoadedModel) -> None:
         """One pass at each batch size the service will mostly see, and one decode."""
@@ -313,12 +383,12 @@ class ModelService:
             loaded.probabilities(image.expand(size, *INPUT_SHAPE).contiguous())
 
     def swap(self, loaded: LoadedModel) -> None:
-        """Serve `loaded` from the next batch on (one reference assignment, atomic)."""
-        self._model = loaded
+        """Serve `loaded` as model `loaded.name` from the next batch on (one reference assignment)."""
+        self.slot(loaded.name).loaded = loaded
         info = loaded.predictor.info
-        self.metrics.model_info.info(
+        self.metrics.model_info.labels(loaded.name).info(
             {
-                "name": MODEL_NAME,
+                "name": loaded.architecture,
                 "sha256": loaded.sha256,
                 "weights_file": loaded.weights_file,
                 "trained_at": str(loaded.meta.get("created_at", "")),
@@ -333,24 +403,28 @@ class ModelService:
                 "test_accuracy": "" if loaded.test_accuracy is None else f"{loaded.test_accuracy:.4f}",
             }
         )
-        self.metrics.model_parameters.set(loaded.total_params)
-        self.metrics.model_test_accuracy.set(
+        self.metrics.model_parameters.labels(loaded.name).set(loaded.total_params)
+        self.metrics.model_test_accuracy.labels(loaded.name).set(
             float("nan") if loaded.test_accuracy is None else loaded.test_accuracy
         )
 
-    def reload(self, weights: str | Path | None = None) -> tuple[LoadedModel, LoadedModel]:
-        """Blocking: load, check and warm up `weights` (default: the configured file), then swap it in.
+    def reload(
+        self, weights: str | Path | None = None, model: str | None = None
+    ) -> tuple[LoadedModel, LoadedModel]:
+        """Blocking: load, check and warm up `weights` (default: the configured file) for model
+        `model` (default: the default model), then swap it in.
 
         Returns (previous, new). Raises CheckpointError for a file that fails any check (the old
-        weights keep serving) and NotReady unless the service is ready. Concurrent reloads run
-        one after the other.
+        weights keep serving), UnknownModel, and NotReady unless the service is ready. Concurrent
+        reloads of one model run one after the other.
         """
-        path = Path(weights) if weights is not None else self.settings.weights
-        with self._reload_lock:
+        slot = self.slot(model)
+        path = Path(weights) if weights is not None else slot.weights
+        with slot.reload_lock:
             if not self.ready or self.device is None:
                 raise self.not_ready()
             try:
-                loaded = load_model(path, self.device, self._make_predictor)
+                loaded = load_model(path, self.device, self._make_predictor, slot.name)
             except PredictorError as exc:
                 self.metrics.reloads.labels("refused").inc()
                 raise CheckpointError(f"weights file {path} cannot be served here: {exc}") from None
@@ -359,12 +433,13 @@ class ModelService:
                 raise
             if self.settings.warmup:
                 self._warm_up(loaded)
-            previous = self.model
+            previous = self.loaded(slot.name)
             self.swap(loaded)
             self.metrics.reloads.labels("swapped").inc()
         log.info(
-            "reloaded weights from %s: now serving sha256 %s... (trained at %s), before %s...",
+            "reloaded weights from %s as %r: now serving sha256 %s... (trained at %s), before %s...",
             path,
+            slot.name,
             loaded.sha256[:12],
             loaded.meta.get("created_at", "unknown"),
             previous.sha256[:12],
@@ -395,8 +470,9 @@ class ModelService:
     def stop(self) -> None:
         """Blocking: finish queued work, then stop the threads."""
         self.begin_shutdown()
-        if self._batcher is not None:
-            self._batcher.close(timeout=max(1.0, self.settings.drain_timeout_s))
+        for slot in self._slots.values():
+            if slot.batcher is not None:
+                slot.batcher.close(timeout=max(1.0, self.settings.drain_timeout_s))
         if self._decode_pool is not None:
             self._decode_pool.shutdown(wait=True, cancel_futures=True)
 
@@ -406,8 +482,8 @@ class ModelService:
 
     # -- inference --------------------------------------------------------------------------
 
-    def _run_batch(self, images: torch.Tensor) -> list[tuple[list[float], LoadedModel]]:
-        loaded = self._model  # read once: a swap takes effect from the next batch
+    def _run_batch(self, slot: ModelSlot, images: torch.Tensor) -> list[tuple[list[float], LoadedModel]]:
+        loaded = slot.loaded  # read once: a swap takes effect from the next batch
         assert loaded is not None
         probs = loaded.probabilities(images)
         return [(row, loaded) for row in probs.tolist()]
@@ -447,14 +523,15 @@ class ModelService:
                 return None  # the threads decide it, with the real limit
             raise
 
-    def admit(self) -> Arrival:
-        """Called as an inference request starts to arrive, before its body is read.
+    def admit(self, model: str | None = None) -> Arrival:
+        """Called as an inference request for `model` (default: the default model) starts to
+        arrive, before its body is read.
 
-        Raises NotReady or AtCapacity. An admitted request counts as in flight until
+        Raises UnknownModel, NotReady or AtCapacity. An admitted request counts as in flight until
         `request_done()` (the middleware calls it once the answer is sent); draining waits for
         that count to reach zero.
         """
-        batcher = self._batcher
+        batcher = self.slot(model).batcher
         if not self.ready or batcher is None:
             raise self.not_ready()
         if batcher.full():
@@ -467,14 +544,20 @@ class ModelService:
         self.in_flight -= 1
 
     async def classify(
-        self, uploads: list[Upload], top_k: int, arrival: Arrival | None = None
+        self,
+        uploads: list[Upload],
+        top_k: int,
+        arrival: Arrival | None = None,
+        model: str | None = None,
     ) -> Classification:
-        """Decode, queue, wait for the batch; per-image probabilities in upload order.
+        """Decode, queue, wait for the batch of `model` (default: the default model); per-image
+        probabilities in upload order.
 
-        Raises NotReady, AtCapacity, NoImages, TooManyFiles or BadUploads.
+        Raises UnknownModel, NotReady, AtCapacity, NoImages, TooManyFiles or BadUploads.
         """
         started = time.perf_counter()
-        batcher, pool = self._batcher, self._decode_pool
+        slot = self.slot(model)
+        batcher, pool = slot.batcher, self._decode_pool
         # While draining, requests admitted before it began are still served.
         if self.state not in (State.READY, State.DRAINING) or batcher is None or pool is None:
             raise self.not_ready()
@@ -523,9 +606,9 @@ class ModelService:
         probabilities = [r.output[0] for r in results]
         if any(r.output[1] is not loaded for r in results):
             # A reload landed between this request's batches: answer from the new weights alone.
-            loaded = self.model
+            loaded = self.loaded(slot.name)
             probabilities = (await asyncio.to_thread(loaded.probabilities, images)).tolist()
-        self.metrics.count_labels([max(range(len(p)), key=p.__getitem__) for p in probabilities])
+        self.metrics.count_labels([max(range(len(p)), key=p.__getitem__) for p in probabilities], slot.name)
         return Classification(
             filenames=[u.filename for u in uploads],
             probabilities=probabilities,

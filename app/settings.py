@@ -37,6 +37,12 @@ class Settings(BaseSettings):
         Path("weights/final_model.pt"),
         description="Checkpoint to serve: ours (training's output) or a bare FinalModel state_dict.",
     )
+    lite_weights: Path | None = Field(
+        Path("weights/lite_model.pt"),
+        description="LiteModel checkpoint served beside FinalModel as model 'lite' (/predict?model=lite, "
+        "/v2/models/lite). Skipped when the default file is absent; a file set on purpose must load; "
+        "empty: no lite model.",
+    )
     device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
 
     backend: Literal["auto", "pytorch", "onnxruntime"] = Field(
@@ -164,6 +170,11 @@ class Settings(BaseSettings):
         if value not in DEVICE_CHOICES and not (value.startswith("cuda:") and value[5:].isdigit()):
             raise ValueError(f"must be one of {', '.join(DEVICE_CHOICES)} or cuda:N, not {value!r}")
         return value
+
+    @field_validator("lite_weights", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("api_key", "admin_token")
     @classmethod

@@ -2,7 +2,7 @@
 
     GET  /v2                          server metadata (extensions: binary_tensor_data)
     GET  /v2/health/live, /v2/health/ready
-    GET  /v2/models/final             model metadata: its input and outputs
+    GET  /v2/models/final             model metadata: its input and outputs (and lite, when served)
     GET  /v2/models/final/ready
     POST /v2/models/final/infer       input `image` (BYTES, [N]): N encoded image files;
                                       outputs `probabilities` (FP32, [N, 10]), `label` (BYTES, [N])
@@ -59,7 +59,7 @@ class ServedModel:
 
     @property
     def platform(self) -> str:
-        loaded = self.service.loaded_model
+        loaded = self.service.slot(self.name).loaded
         return loaded.predictor.info.backend if loaded is not None else self.service.settings.backend
 
     def metadata(self) -> dict[str, Any]:
@@ -71,9 +71,10 @@ class ServedModel:
         }
 
 
-def served_models(final: ModelService) -> dict[str, ServedModel]:
-    """The models /v2 serves, by name: `final`, the FinalModel of the service."""
-    return {"final": ServedModel("final", final)}
+def served_models(service: ModelService) -> dict[str, ServedModel]:
+    """The models /v2 serves, by the service's names: `final` (FinalModel) and, when configured,
+    `lite` (LiteModel)."""
+    return {name: ServedModel(name, service) for name in service.model_names}
 
 
 class TensorError(Exception):
@@ -287,7 +288,7 @@ def _infer_endpoint(name: str):
         uploads = [Upload(None, io.BytesIO(image), len(image)) for image in parsed.images]
         arrival = getattr(request.state, "arrival", None)  # set by AdmissionMiddleware
         try:
-            result = await service.classify(uploads, service.settings.top_k, arrival)
+            result = await service.classify(uploads, service.settings.top_k, arrival, name)
         except ServiceError as exc:
             return _service_error(request, exc)
         return infer_response(name, parsed, result.probabilities)

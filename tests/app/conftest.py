@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 
 from app.checkpoint import save_checkpoint
 from app.main import create_app
-from app.model import FinalModel
+from app.model import FinalModel, LiteModel
 from app.predictor import Predictor, build_predictor
 from app.preprocess import normalize
 from app.settings import ENV_PREFIX, Settings
@@ -33,9 +33,9 @@ CHECKPOINT_META = {
 }
 
 
-def distinct_model(seed: int = 0) -> FinalModel:
+def distinct_model(seed: int = 0, architecture: type[torch.nn.Module] = FinalModel) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = FinalModel()
+    model = architecture()
     generator = torch.Generator().manual_seed(seed)
     low = torch.rand(64, 3, 4, 4, generator=generator)
     images = torch.nn.functional.interpolate(low, size=32, mode="bilinear", align_corners=False)
@@ -94,12 +94,21 @@ def weights(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def lite_weights(tmp_path_factory) -> Path:
+    """A LiteModel checkpoint, for the service's second model."""
+    path = tmp_path_factory.mktemp("weights") / "lite.pt"
+    save_checkpoint(path, distinct_model(1, LiteModel), **CHECKPOINT_META)
+    return path
+
+
+@pytest.fixture(scope="session")
 def make_settings(weights):
     """Settings for a small, quick service on the CPU; keyword arguments override."""
 
     def make(**overrides) -> Settings:
         values = dict(
             weights=weights,
+            lite_weights=None,  # tests that serve the small model set it
             device="cpu",
             workers=1,
             torch_threads=1,

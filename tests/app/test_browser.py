@@ -44,8 +44,8 @@ def browser() -> Iterator:
 
 
 @pytest.fixture(scope="module")
-def service() -> Iterator[str]:
-    with live_service() as url:
+def service(lite_weights) -> Iterator[str]:
+    with live_service(CIFAR10_LITE_WEIGHTS=str(lite_weights)) as url:
         yield url
 
 
@@ -64,9 +64,9 @@ def outside(requests: list[str], base: str) -> list[str]:
     return [u for u in requests if not u.startswith((base + "/", "blob:", "data:"))]
 
 
-def expected_label(path) -> str:
+def expected_label(path, weights=SHIPPED) -> str:
     with torch.no_grad():
-        logits = build_model(load_checkpoint(SHIPPED))(normalize(load_image(path).unsqueeze(0)))
+        logits = build_model(load_checkpoint(weights))(normalize(load_image(path).unsqueeze(0)))
     return CLASSES[int(logits.argmax())]
 
 
@@ -81,6 +81,16 @@ def test_choosing_a_cifar10_jpeg_shows_its_label(page, service):
     status = page.locator("#status").text_content()
     assert "model FinalModel" in status and " ms" in status
     assert outside(page.requests, service) == []
+
+
+def test_the_small_model_can_be_chosen(page, service, lite_weights):
+    page.goto(service + "/")
+    page.select_option("#model", "lite")
+    page.set_input_files("#files", str(SAMPLES[2]))
+    page.wait_for_selector(".result")
+    shown = page.locator(".result .predicted").all_text_contents()
+    assert shown == [expected_label(SAMPLES[2], lite_weights)]
+    assert "model LiteModel" in page.locator("#status").text_content()
 
 
 def test_an_error_answer_is_shown_not_swallowed(page, service, tmp_path):
@@ -104,6 +114,8 @@ def test_the_page_is_keyboard_usable(page, service):
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.id") == "topk"
     page.keyboard.press("ArrowDown")  # 3 -> 5
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "model"
     page.keyboard.press("Tab")
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.id") == "go"

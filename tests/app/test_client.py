@@ -35,15 +35,15 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def service() -> Iterator[str]:
-    """`python -m app serve` on the shipped weights, on a free loopback port."""
-    with live_service() as url:
+def service(lite_weights) -> Iterator[str]:
+    """`python -m app serve` on the shipped weights and a LiteModel made here, on a free loopback port."""
+    with live_service(CIFAR10_LITE_WEIGHTS=str(lite_weights)) as url:
         yield url
 
 
-def expected_labels(paths: list[Path]) -> list[str]:
-    """What the shipped model says for each file, computed here by the shared preprocessing."""
-    model = build_model(load_checkpoint(SHIPPED))
+def expected_labels(paths: list[Path], weights: Path = SHIPPED) -> list[str]:
+    """What a checkpoint says for each file, computed here by the shared preprocessing."""
+    model = build_model(load_checkpoint(weights))
     with torch.no_grad():
         logits = model(normalize(torch.stack([load_image(p) for p in paths])))
     return [CLASSES[i] for i in logits.argmax(1).tolist()]
@@ -121,6 +121,18 @@ def test_client_errors_carry_the_services_status_and_code(service, tmp_path):
     assert caught.value.status == 400 and caught.value.code == "empty_file"
     with Client(service) as client, pytest.raises(FileError):
         client.predict([tmp_path / "nope.png"])
+
+
+def test_model_lite_asks_the_small_model(service, lite_weights):
+    proc = cli("predict", *map(str, SAMPLES[:4]), "--url", service, "--model", "lite", "--top-k", "1")
+    assert proc.returncode == 0, proc.stderr
+    printed = [line.split()[1] for line in proc.stdout.splitlines()]
+    assert printed == expected_labels(SAMPLES[:4], lite_weights)
+    with Client(service) as client:
+        assert client.summary("lite")["total_params"] == 47_648
+    proc = cli("predict", str(SAMPLES[0]), "--url", service, "--model", "huge")
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert len(proc.stderr.splitlines()) == 1 and "'huge'" in proc.stderr
 
 
 def test_the_console_script_is_installed():

@@ -45,7 +45,7 @@ def test_metrics_count_requests_images_batches_and_labels(serve):
     assert value(text, "cifar10_images_processed_total") == 6
     assert value(text, "cifar10_batch_size_sum") == 6  # the warm-up passes are not counted
     for label in CLASSES:
-        assert value(text, "cifar10_predictions_total", label=label) == labels.count(label)
+        assert value(text, "cifar10_predictions_total", model="final", label=label) == labels.count(label)
     assert value(text, "cifar10_rejected_requests_total", reason="unsupported_media_type") == 1
     assert value(text, "cifar10_rejected_requests_total", reason="method_not_allowed") == 1
     assert value(text, "cifar10_queue_wait_seconds_count") == 6
@@ -57,8 +57,9 @@ def test_metrics_describe_the_model_and_the_process(client):
     text = client.get("/metrics").text
     info = re.search(r"^cifar10_model_info\{(.*)\} 1\.0$", text, re.M).group(1)
     assert 'parameters="149584"' in info and 'device="cpu"' in info and 'test_accuracy="0.5000"' in info
-    assert value(text, "cifar10_model_parameters") == 149_584
-    assert value(text, "cifar10_model_test_accuracy") == 0.5
+    assert 'model="final"' in info and 'name="FinalModel"' in info
+    assert value(text, "cifar10_model_parameters", model="final") == 149_584
+    assert value(text, "cifar10_model_test_accuracy", model="final") == 0.5
     assert value(text, "cifar10_ready") == 1
     assert "process_resident_memory_bytes" in text
     assert "python_gc_objects_collected_total" in text

@@ -1,9 +1,10 @@
 """The Open Inference Protocol (KServe v2 REST): NVIDIA's own client against a live server, and the
 error envelopes, API key and readiness in process.
 
-The live half starts one `python -m app serve` on the shipped weights for the module and checks
-that /v2/models/final/infer answers what /predict answers for the same sample images, with JSON
-tensors and with the binary tensor data extension.
+The live half starts one `python -m app serve` for the module, on the shipped FinalModel weights
+and a LiteModel checkpoint made here, and checks that /v2/models/{final,lite}/infer answers what
+/predict (?model=) answers for the same sample images, with JSON tensors and with the binary
+tensor data extension.
 """
 
 from __future__ import annotations
@@ -64,8 +65,8 @@ def json_body(images: list[bytes], **header) -> dict:
 
 
 @pytest.fixture(scope="module")
-def live() -> Iterator[str]:
-    with live_service() as url:
+def live(lite_weights) -> Iterator[str]:
+    with live_service(CIFAR10_LITE_WEIGHTS=str(lite_weights)) as url:
         yield url
 
 
@@ -76,11 +77,10 @@ def triton_client(live) -> Iterator[triton.InferenceServerClient]:
     client.close()
 
 
-@pytest.fixture(scope="module")
-def predicted(live) -> dict[str, tuple[str, list[float]]]:
+def predict(live: str, model: str) -> dict[str, tuple[str, list[float]]]:
     """What /predict answers for every sample: label and the ten probabilities in class order."""
     files = [("file", (path.name, path.read_bytes())) for path in SAMPLES]
-    r = httpx.post(f"{live}/predict", files=files, params={"top_k": 10}, timeout=60)
+    r = httpx.post(f"{live}/predict", files=files, params={"top_k": 10, "model": model}, timeout=60)
     assert r.status_code == 200, r.text
     out = {}
     for prediction in r.json()["predictions"]:
@@ -89,18 +89,25 @@ def predicted(live) -> dict[str, tuple[str, list[float]]]:
     return out
 
 
+@pytest.fixture(scope="module")
+def predicted(live) -> dict[str, tuple[str, list[float]]]:
+    return predict(live, "final")
+
+
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
-def test_infer_answers_what_predict_answers_for_the_samples(triton_client, predicted, binary):
+@pytest.mark.parametrize("model", ["final", "lite"])
+def test_infer_answers_what_predict_answers_for_the_samples(live, triton_client, model, binary):
     assert len(SAMPLES) >= 5
+    expected = predict(live, model)
     images = [path.read_bytes() for path in SAMPLES]
     outputs = [triton.InferRequestedOutput(name, binary_data=binary) for name in ("probabilities", "label")]
-    result = triton_client.infer("final", [image_input(images, binary)], outputs=outputs, request_id="r-42")
+    result = triton_client.infer(model, [image_input(images, binary)], outputs=outputs, request_id="r-42")
     labels = labels_of(result)
     probabilities = result.as_numpy("probabilities")
     assert probabilities.dtype == np.float32 and probabilities.shape == (len(SAMPLES), len(CLASSES))
-    assert labels == [predicted[path.name][0] for path in SAMPLES]
+    assert labels == [expected[path.name][0] for path in SAMPLES]
     for row, path in zip(probabilities, SAMPLES, strict=True):
-        assert row.tolist() == pytest.approx(predicted[path.name][1], abs=1e-4)
+        assert row.tolist() == pytest.approx(expected[path.name][1], abs=1e-4)
     assert result.get_response()["id"] == "r-42"
     sent_as_binary = "binary_data_size" in result.get_output("label").get("parameters", {})
     assert sent_as_binary == binary
@@ -125,7 +132,7 @@ def test_only_the_requested_outputs_are_answered(triton_client, predicted):
 
 def test_health_and_metadata_through_tritonclient(triton_client):
     assert triton_client.is_server_live() and triton_client.is_server_ready()
-    assert triton_client.is_model_ready("final")
+    assert triton_client.is_model_ready("final") and triton_client.is_model_ready("lite")
     assert not triton_client.is_model_ready("nope")
     server = triton_client.get_server_metadata()
     assert server["name"] == "cifar10-cnn" and "binary_tensor_data" in server["extensions"]
@@ -167,10 +174,10 @@ def test_a_bad_tensor_is_a_400_with_an_error_sentence(triton_client, kind):
 
 def test_an_unknown_model_is_a_404(triton_client, live):
     with pytest.raises(InferenceServerException) as caught:
-        triton_client.infer("lite", [image_input([SAMPLES[0].read_bytes()], binary=True)])
-    assert caught.value.status() == "404" and "lite" in caught.value.message()
+        triton_client.infer("huge", [image_input([SAMPLES[0].read_bytes()], binary=True)])
+    assert caught.value.status() == "404" and "huge" in caught.value.message()
     with pytest.raises(InferenceServerException) as caught:
-        triton_client.get_model_metadata("lite")
+        triton_client.get_model_metadata("huge")
     assert caught.value.status() == "404"
 
 
