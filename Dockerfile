@@ -92,6 +92,10 @@ ENV PATH=/opt/venv/bin:$PATH \
     UVICORN_PORT=8000 \
     # Finish in-flight requests after SIGTERM, within Docker's and Kubernetes' grace periods.
     UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN=20 \
+    # The protocol with the connection cap, slow-client deadlines and admission gate
+    # (app/connections.py), and a listen backlog as deep as the connection cap.
+    UVICORN_HTTP=app.connections:GuardedHTTPProtocol \
+    UVICORN_BACKLOG=2048 \
     CIFAR10_WEIGHTS=/app/weights/final_model.pt \
     CIFAR10_DEVICE=auto
 
