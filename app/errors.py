@@ -102,7 +102,7 @@ def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = list(exc.errors())
     body = getattr(exc, "body", None)
-    form_keys = list(body.keys()) if hasattr(body, "keys") else []
+    form_keys = list(body.keys()) if body is not None and hasattr(body, "keys") else []
     content_type = request.headers.get("content-type", "")
     missing_file = any(
         e.get("type") == "missing" and list(e.get("loc", ()))[:2] == ["body", "file"] for e in errors

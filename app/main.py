@@ -158,7 +158,7 @@ def _install_signal_handlers(service: ModelService) -> Callable[[], None]:
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
-    undo: list[Callable[[], None]] = []
+    undo: list[Callable[[], object]] = []
     sighup = getattr(signal, "SIGHUP", None)
     if sighup is not None:
         loop.add_signal_handler(sighup, lambda: spawn(_reload_on_sighup(service)))
@@ -255,7 +255,9 @@ def create_app(settings: Settings | None = None, make_predictor: PredictorFactor
     # their routes into app.routes, so the schema is where every path is listed.
     known_paths = set(app.openapi()["paths"]) | {getattr(route, "path", "") for route in app.routes}
     # Every inference route gets the API key, admission (readiness, queue, drain) and metrics.
-    inference_paths = frozenset(route.path for router in inference_routers for route in router.routes)
+    inference_paths = frozenset(
+        getattr(route, "path", "") for router in inference_routers for route in router.routes
+    )
 
     def admit(scope: Scope) -> Arrival:
         try:

@@ -10,6 +10,8 @@ An image becomes model input in two steps:
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from PIL import Image, ImageOps
 
@@ -24,7 +26,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I"):
         # 16/32-bit greyscale: scale to 8 bits instead of letting convert() clip at 255. Some
         # Pillow versions open 16-bit PNGs as mode "I", so the scale follows the values' range.
-        low, high = img.getextrema()
+        low, high = cast(tuple[int, int], img.getextrema())  # one band: (min, max)
         scale = 256 if img.mode != "I" or (low >= 0 and high <= 65535) else 16_777_216
         img = img.point(lambda v: v / scale).convert("L")
     if img.mode == "P" and "transparency" in img.info:

@@ -110,7 +110,8 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[Any, bytes]:
 
 def _split_bytes_elements(raw: bytes, what: str) -> list[bytes]:
     """BYTES tensor data: each element a 4-byte little-endian length, then that many bytes."""
-    elements, at = [], 0
+    elements: list[bytes] = []
+    at = 0
     while at < len(raw):
         if at + 4 > len(raw):
             raise TensorError(f"{what}: {len(raw) - at} byte(s) left over where a 4-byte length was due")
