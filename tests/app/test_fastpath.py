@@ -1,15 +1,23 @@
 """The /predict fast path answers exactly as the FastAPI route does, and hands it everything else.
 
 Each case is posted to two services on the same weights, one with the fast path (the default)
-and one without (CIFAR10_FAST_PATH=false), and the answers are compared.
+and one without (CIFAR10_FAST_PATH=false), and the answers are compared. Which of the two
+answered is observed, not assumed: the route resolves its dependencies (the service) for every
+request it handles, the fast path resolves none, so each app counts its route's requests through
+a dependency override.
 """
 
 from __future__ import annotations
 
+import re
+from collections import Counter
+
 import httpx
 import pytest
+from fastapi import Request
 
 from app.fastpath import split_multipart
+from app.routes import get_service
 
 from .images import jpeg_bytes, png_bytes
 
@@ -20,13 +28,34 @@ def both(serve):
         yield fast, route
 
 
+@pytest.fixture(scope="module")
+def routed(both) -> Counter:
+    """How many requests the FastAPI route of each app has handled: routed["fast"], routed["route"]."""
+    counts: Counter = Counter()
+    for name, client in zip(("fast", "route"), both, strict=True):
+
+        async def counting(request: Request, name: str = name):
+            counts[name] += 1
+            return await get_service(request)
+
+        client.app.dependency_overrides[get_service] = counting
+    yield counts
+    for client in both:
+        client.app.dependency_overrides.clear()
+
+
 def without_timing(answer: dict) -> dict:
     return {k: v for k, v in answer.items() if k != "timing"}
 
 
-def test_the_setting_turns_the_fast_path_off(both):
+def test_the_fast_path_answers_unless_the_setting_turns_it_off(both, routed):
     fast, route = both
-    assert fast.app.state.settings.fast_path and not route.app.state.settings.fast_path
+    files = [("file", ("a.png", png_bytes(1), "image/png"))]
+    before = routed.copy()
+    assert fast.post("/predict", files=files).status_code == 200
+    assert routed["fast"] == before["fast"]  # answered before the route
+    assert route.post("/predict", files=files).status_code == 200
+    assert routed["route"] == before["route"] + 1  # CIFAR10_FAST_PATH=false: the route answered
 
 
 @pytest.mark.parametrize(
@@ -45,9 +74,11 @@ def test_the_setting_turns_the_fast_path_off(both):
     ],
     ids=["one-png", "jpeg-top5", "three-files-unicode-name"],
 )
-def test_plain_requests_get_the_routes_answer(both, files, query):
+def test_plain_requests_get_the_routes_answer(both, routed, files, query):
     fast, route = both
+    before = routed.copy()
     a, b = fast.post(f"/predict{query}", files=files), route.post(f"/predict{query}", files=files)
+    assert routed - before == Counter(route=1)  # the fast path answered `a`, the route `b`
     assert a.status_code == b.status_code == 200
     assert a.headers["content-type"] == b.headers["content-type"] == "application/json"
     assert without_timing(a.json()) == without_timing(b.json())
@@ -65,7 +96,7 @@ def raw_body(parts: list[tuple[bytes, bytes]], boundary: bytes = b"xyz", preambl
 IMAGE = png_bytes(6)
 FILE_PART = (b'Content-Disposition: form-data; name="file"; filename="x.png"', IMAGE)
 
-DECLINED = {
+OTHER = {
     "misnamed-field": ([(b'Content-Disposition: form-data; name="image"; filename="x.png"', IMAGE)], ""),
     "no-filename": ([(b'Content-Disposition: form-data; name="file"', IMAGE)], ""),
     "extra-text-field": ([FILE_PART, (b'Content-Disposition: form-data; name="note"', b"hi")], ""),  # 200
@@ -76,27 +107,45 @@ DECLINED = {
     "empty-file": ([(b'Content-Disposition: form-data; name="file"; filename="e.png"', b"")], ""),
     "text-file": ([(b'Content-Disposition: form-data; name="file"; filename="t.txt"', b"hello")], ""),
 }
+# Plain in form, so the fast path answers these itself, with the service's error for the file.
+ANSWERED_WITH_AN_ERROR = {"empty-file", "text-file"}
 
 
-@pytest.mark.parametrize("case", sorted(DECLINED))
-def test_other_requests_get_the_routes_answer_too(both, case):
-    parts, query = DECLINED[case]
+@pytest.mark.parametrize("case", sorted(OTHER))
+def test_other_requests_get_the_routes_answer_too(both, routed, case):
+    parts, query = OTHER[case]
     body = raw_body(parts)
     headers = {"content-type": "multipart/form-data; boundary=xyz"}
     fast, route = both
+    before = routed.copy()
     a = fast.post(f"/predict{query}", content=body, headers=headers)
     b = route.post(f"/predict{query}", content=body, headers=headers)
+    declined = case not in ANSWERED_WITH_AN_ERROR
+    assert routed - before == Counter(fast=int(declined), route=1)  # declined: both routes answered
     assert a.status_code == b.status_code  # 4xx, or 200 where the route ignores the extra
     assert without_timing(a.json()) == without_timing(b.json())
 
 
-def test_a_request_it_answers_is_counted_under_the_route(both):
+def requests_total(client, route: str, status: int) -> float:
+    """The value of cifar10_http_requests_total for POST `route` and `status` (0 before the first)."""
+    series = f'cifar10_http_requests_total{{method="POST",route="{route}",status="{status}"}}'
+    found = re.search(rf"^{re.escape(series)} (\S+)$", client.get("/metrics").text, re.M)
+    return float(found[1]) if found else 0.0
+
+
+@pytest.mark.parametrize(
+    "body, query, status",
+    [(raw_body([FILE_PART]), "", 200), (raw_body(OTHER["top-k-zero"][0]), "?top_k=0", 422)],
+    ids=["answered", "declined"],
+)
+def test_a_request_is_counted_once_under_the_route_whoever_answers(both, routed, body, query, status):
     fast, _ = both
-    before = fast.get("/metrics").text.count('route="/predict"')
-    assert fast.post("/predict", files=[("file", ("a.png", png_bytes(1)))]).status_code == 200
-    metrics = fast.get("/metrics").text
-    assert 'cifar10_http_requests_total{method="POST",route="/predict",status="200"}' in metrics
-    assert metrics.count('route="/predict"') >= before
+    before = requests_total(fast, "/predict", status)
+    routed_before = routed["fast"]
+    headers = {"content-type": "multipart/form-data; boundary=xyz"}
+    assert fast.post(f"/predict{query}", content=body, headers=headers).status_code == status
+    assert routed["fast"] - routed_before == (status != 200)  # the fast path answered the plain one
+    assert requests_total(fast, "/predict", status) == before + 1
 
 
 def encoded_by_httpx(files) -> tuple[bytes, bytes]:
