@@ -16,7 +16,7 @@ import json
 import logging
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -140,6 +140,7 @@ def check_service(args, device: torch.device, files: list, logits: torch.Tensor,
                   labels: torch.Tensor) -> dict:
     """Served labels against `logits`' argmax for the same files; prints a summary and disagreements."""
     started = time.perf_counter()
+    service: AbstractContextManager[str]
     if args.service_url:
         service = nullcontext(args.service_url)
     else:

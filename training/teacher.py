@@ -146,12 +146,12 @@ RESUME_OVERRIDES = ("out", "data", "cache_dir", "device", "threads")
 
 def parse_widths(text: str) -> tuple[int, int, int, int]:
     try:
-        widths = tuple(int(w) for w in text.split(","))
+        widths = [int(w) for w in text.split(",")]
     except ValueError:
         raise DataError(f"--widths {text!r} must be four integers, like 32,64,256,256") from None
     if len(widths) != 4 or min(widths) < 1:
         raise DataError(f"--widths {text!r} must be four positive integers, like 32,64,256,256")
-    return widths  # type: ignore[return-value]
+    return widths[0], widths[1], widths[2], widths[3]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,11 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
         if f.type == "bool":
             p.add_argument(flag, action="store_true", help=HELP[f.name])
             continue
-        kind = {"int": int, "float": float, "str": str}[f.type]
-        kwargs = {"type": kind, "default": None, "help": f"{HELP[f.name]} (default: {f.default})"}
-        if f.name == "device":
-            kwargs["choices"] = DEVICE_CHOICES
-        p.add_argument(flag, **kwargs)
+        kind = {"int": int, "float": float, "str": str}[str(f.type)]
+        choices = DEVICE_CHOICES if f.name == "device" else None
+        p.add_argument(
+            flag, type=kind, default=None, choices=choices, help=f"{HELP[f.name]} (default: {f.default})"
+        )
     p.add_argument(
         "--resume",
         action="store_true",
@@ -285,7 +285,7 @@ def run(cfg: TeacherConfig, resume: bool = False, overrides: dict | None = None)
         raise DataError(f"{len(train)} training images are fewer than one batch of {cfg.batch_size}")
 
     torch.manual_seed(cfg.seed)
-    model = TeacherNet(widths).to(device, memory_format=torch.channels_last)
+    model = TeacherNet(widths).to(device).to(memory_format=torch.channels_last)
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     optimizer = torch.optim.SGD(
@@ -380,13 +380,13 @@ def run(cfg: TeacherConfig, resume: bool = False, overrides: dict | None = None)
         start_batch = 0
         seconds = time.perf_counter() - started
         elapsed += seconds
-        loss_sum, correct, seen = all_sum([loss_sum, correct, seen], device)
+        loss_sum, correct_sum, seen_sum = all_sum([loss_sum, correct, seen], device)
         row = {
             "epoch": epoch + 1,
-            "train_loss": loss_sum / max(seen, 1),
-            "train_acc": correct / max(seen, 1),
+            "train_loss": loss_sum / max(seen_sum, 1),
+            "train_acc": correct_sum / max(seen_sum, 1),
             "val_acc": accuracy(model, val, device) if rank == 0 else 0.0,
-            "images_per_s": seen / seconds,
+            "images_per_s": seen_sum / seconds,
             "seconds": seconds,
         }
         history.append(row)
