@@ -15,7 +15,9 @@ Backends:
 Measured on the 2-core development machine, one thread, shipped weights (the README's table,
 `python bench/serve_load.py`): ONNX Runtime is the fastest backend whose labels equal PyTorch
 fp32's on the whole test split, so it is the CPU default; bf16 changes labels and is only used
-when asked for.
+when asked for. OpenVINO and `torch.compile` (inductor) were measured beside it and are slower
+here at batch 1, 8 and 32, and torch.compile compiles for 1 to 3 minutes at each start
+(`python bench/backends.py`), so they are not backends of the service.
 """
 
 from __future__ import annotations

@@ -19,10 +19,12 @@ import pytest
 from .conftest import REPO
 
 BENCH_SCRIPTS = sorted(p.name for p in (REPO / "bench").glob("*.py"))
-SMOKE_TESTED = {"overload.py", "serve_load.py", "soak.py", "train_throughput.py"}  # each has a test below
+# each has a test below
+SMOKE_TESTED = {"backends.py", "overload.py", "serve_load.py", "soak.py", "train_throughput.py"}
 
 
 SMOKE_ARGS = {  # script -> its arguments besides --smoke; "{data}" is the tiny archive
+    "backends.py": ["--data", "{data}", "--labels"],
     "overload.py": ["--data", "{data}"],
     "soak.py": ["--data", "{data}"],
     "serve_load.py": ["--data", "{data}"],
@@ -133,6 +135,19 @@ def test_every_server_mode_the_scripts_name_exists():
                     assert mode.value in serve_load.MODES, f"{script}:{call.lineno}: mode {mode.value!r}"
                 else:  # a variable: serve_load checks --modes against MODES before starting
                     assert script == "serve_load.py", f"{script}:{call.lineno}: pass a mode name"
+
+
+def test_backends_smoke(smoke_runs):
+    """Every candidate that is installed gets a row with its figures and its label count; openvino
+    (not a project dependency) is left out, and said so, where it is missing."""
+    out = smoke_runs("backends.py")
+    assert "| backend | batch 1 img/s | / onnxruntime | batch 8 img/s |" in out
+    number = r"[\d,]+ \| [\d.]+"
+    for name in ("onnxruntime", "pytorch", "openvino"):
+        row = rf"^\| {name} \(.*\) \| {number} \| {number} \| {number} \| [\d.]+ \| \d+ \|$"
+        assert re.search(row, out, re.M) or (name == "openvino" and "openvino: left out" in out), out
+    assert re.search(r"^\| onnxruntime \(.*\) \| [\d,]+ \| 1\.00 \|", out, re.M), out
+    assert "labels compared on 20 test images" in out
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the DDP row spawns gloo processes (Linux here)")
