@@ -34,7 +34,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 
@@ -48,10 +48,62 @@ class CheckpointError(Exception):
     """A weights file that cannot be used; the message is one sentence fit for a log line."""
 
 
+class InitRecord(TypedDict):
+    """Where a run started with --init took its weights from."""
+
+    path: str  # the parent checkpoint's file name
+    sha256: str
+    epochs: int  # the parent's epochs, its own parents' included
+    metrics: dict[str, float]  # the parent's val_acc and test_acc
+
+
+class TeacherRecord(TypedDict):
+    """The teacher a run distilled from (python -m training.teacher)."""
+
+    path: str  # its file name
+    sha256: str
+    widths: list[int]
+    val_acc: float
+
+
+class TrainingRecord(TypedDict, total=False):
+    """What `python -m training` records beside the weights (`save_checkpoint`'s `meta`)."""
+
+    config: dict[str, Any]  # training.config.TrainConfig as a dict
+    metrics: dict[str, Any]  # train_acc, val_acc; at the end test_acc, test_acc_tta, test_loss,
+    # per_class_accuracy {class: accuracy}, best_epoch, test_images
+    epoch: int  # epochs trained when written (the best epoch's weights, chosen on validation)
+    total_epochs: int  # epoch plus the --init parent's epochs
+    complete: bool  # every epoch of the recipe ran
+    duration_s: float  # training time, evaluation and writes excluded
+    data_fingerprint: str  # sha256 of the decoded training and test pixels and labels
+    data_source: str  # the data's file or folder name
+    code_version: str  # git commit (-dirty), $CIFAR10_CODE_VERSION or the package version
+    code_version_note: str  # written by hand on a shipped checkpoint
+    device: str  # e.g. "cpu (x86_64, 2 process(es) x 1 thread(s))"
+    created_at: str  # ISO 8601, UTC
+    init: InitRecord  # only for a run started with --init
+    teacher: TeacherRecord  # only for a distilled run
+
+
+class CheckpointMeta(TrainingRecord, total=False):
+    """Every key of a checkpoint but "state_dict": what `save_checkpoint` writes itself, and a
+    `TrainingRecord`. A bare state_dict has none of them."""
+
+    format: str  # FORMAT
+    format_version: int  # FORMAT_VERSION
+    model: str  # a key of app.model.ARCHITECTURES: "FinalModel", "LiteModel"
+    classes: list[str]  # app.model.CLASSES
+    mean: list[float]  # the normalisation trained with: app.model.MEAN, STD (checked on load)
+    std: list[float]
+    input_shape: list[int]  # app.model.INPUT_SHAPE, (3, 32, 32) (checked on load)
+    torch_version: str
+
+
 @dataclass
 class Checkpoint:
     state_dict: dict[str, torch.Tensor]
-    meta: dict[str, Any] = field(default_factory=dict)  # everything but the state_dict
+    meta: dict[str, Any] = field(default_factory=dict)  # CheckpointMeta: all but the state_dict
     sha256: str = ""
     path: str = ""
 
@@ -97,7 +149,8 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, **meta: Any) -> None:
-    """Write `model`'s weights with our metadata; `meta` holds primitives only (metrics, config...)."""
+    """Write `model`'s weights with our metadata; `meta` holds primitives only, under the keys of
+    `TrainingRecord` (metrics, config...)."""
     state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     payload = {
         "format": FORMAT,
@@ -114,6 +167,18 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, **meta: Any
     atomic_torch_save(payload, path)
 
 
+def _same_numbers(recorded: Any, expected: tuple[float, ...]) -> bool:
+    """`recorded` (a list from the file; None when missing) holds `expected`'s numbers."""
+    return (
+        isinstance(recorded, (list, tuple))
+        and len(recorded) == len(expected)
+        and all(
+            isinstance(a, (int, float)) and abs(a - b) <= 1e-6
+            for a, b in zip(recorded, expected, strict=True)
+        )
+    )
+
+
 def _is_state_dict(obj: Any) -> bool:
     return (
         isinstance(obj, dict)
@@ -123,7 +188,10 @@ def _is_state_dict(obj: Any) -> bool:
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read and sanity-check a weights file (ours or a bare state_dict) onto the CPU."""
+    """Read and sanity-check a weights file (ours or a bare state_dict) onto the CPU.
+
+    `meta` holds the keys of `CheckpointMeta`. Ours must record this code's classes,
+    normalisation and input shape: weights trained on other pixels would be served wrong."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file {path} does not exist")
@@ -149,6 +217,16 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         )
     if tuple(obj.get("classes", ())) != CLASSES:
         raise CheckpointError(f"weights file {path} was trained on other classes: {obj.get('classes')}")
+    if not (_same_numbers(obj.get("mean"), MEAN) and _same_numbers(obj.get("std"), STD)):
+        raise CheckpointError(
+            f"weights file {path} was trained with another normalisation (mean {obj.get('mean')}, "
+            f"std {obj.get('std')}) than this code applies (mean {list(MEAN)}, std {list(STD)})"
+        )
+    if not _same_numbers(obj.get("input_shape"), INPUT_SHAPE):
+        raise CheckpointError(
+            f"weights file {path} was trained on inputs of shape {obj.get('input_shape')}, "
+            f"not the {list(INPUT_SHAPE)} this code feeds"
+        )
     if not _is_state_dict(obj["state_dict"]):
         raise CheckpointError(f"weights file {path} has no usable state_dict")
     meta = {k: v for k, v in obj.items() if k != "state_dict"}
@@ -168,9 +246,7 @@ def build_model(ckpt: Checkpoint, expect: str | None = None) -> torch.nn.Module:
     missing = sorted(set(expected) - set(ckpt.state_dict))
     unexpected = sorted(set(ckpt.state_dict) - set(expected))
     wrong_shape = [
-        k
-        for k in set(expected) & set(ckpt.state_dict)
-        if expected[k].shape != ckpt.state_dict[k].shape
+        k for k in set(expected) & set(ckpt.state_dict) if expected[k].shape != ckpt.state_dict[k].shape
     ]
     if missing or unexpected or wrong_shape:
         details = []
@@ -180,9 +256,7 @@ def build_model(ckpt: Checkpoint, expect: str | None = None) -> torch.nn.Module:
             details.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
         if wrong_shape:
             details.append(f"{len(wrong_shape)} with the wrong shape (e.g. {sorted(wrong_shape)[0]})")
-        raise CheckpointError(
-            f"weights file {ckpt.path} does not fit {name}: tensors {', '.join(details)}"
-        )
+        raise CheckpointError(f"weights file {ckpt.path} does not fit {name}: tensors {', '.join(details)}")
     model.load_state_dict(ckpt.state_dict)
     bad = [k for k, v in ckpt.state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from app.checkpoint import CheckpointError, build_model, load_checkpoint, save_checkpoint
-from app.model import CLASSES, FinalModel
+from app.model import CLASSES, INPUT_SHAPE, MEAN, STD, FinalModel
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -19,9 +19,16 @@ def test_round_trip_keeps_weights_and_metadata(tmp_path):
     torch.manual_seed(1)
     model = FinalModel()
     path = tmp_path / "w.pt"
-    save_checkpoint(path, model, metrics={"test_acc": 0.87, "per_class_accuracy": {"cat": 0.7}},
-                    config={"epochs": 3, "dropout": 0.05}, epoch=3, data_fingerprint="abc",
-                    code_version="v1", created_at="2026-01-01T00:00:00+00:00")
+    save_checkpoint(
+        path,
+        model,
+        metrics={"test_acc": 0.87, "per_class_accuracy": {"cat": 0.7}},
+        config={"epochs": 3, "dropout": 0.05},
+        epoch=3,
+        data_fingerprint="abc",
+        code_version="v1",
+        created_at="2026-01-01T00:00:00+00:00",
+    )
     raw = torch.load(path, weights_only=True)  # loads with the safe loader alone
     assert raw["model"] == "FinalModel" and raw["classes"] == list(CLASSES)
     ckpt = load_checkpoint(path)
@@ -136,3 +143,39 @@ def test_written_file_is_readable_by_others(tmp_path):
     path = tmp_path / "w.pt"
     save_checkpoint(path, FinalModel())
     assert path.stat().st_mode & 0o044 == 0o044
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "phrase"),
+    [
+        ("mean", [0.5, 0.5, 0.5], "another normalisation (mean [0.5, 0.5, 0.5]"),
+        ("std", [0.2470, 0.2435, 0.9], "another normalisation"),
+        ("input_shape", [3, 64, 64], "inputs of shape [3, 64, 64], not the [3, 32, 32]"),
+        ("mean", None, "another normalisation (mean None"),  # a file that does not say
+    ],
+)
+def test_other_normalisation_or_input_shape_is_refused(tmp_path, key, value, phrase):
+    """Weights trained on other pixels would be served wrong, and silently: refuse them."""
+    path = tmp_path / "w.pt"
+    save_checkpoint(path, FinalModel())
+    payload = torch.load(path, weights_only=True)
+    if value is None:
+        del payload[key]
+    else:
+        payload[key] = value
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    message = str(err.value)
+    assert phrase in message and str(path) in message and "\n" not in message
+
+
+def test_the_code_s_own_normalisation_loads(tmp_path):
+    """The stored lists equal the constants (up to float rounding); a tuple in place of a list too."""
+    path = tmp_path / "w.pt"
+    save_checkpoint(path, FinalModel())
+    payload = torch.load(path, weights_only=True)
+    payload["mean"] = [m + 1e-9 for m in MEAN]
+    payload["input_shape"] = tuple(INPUT_SHAPE)
+    torch.save(payload, path)
+    assert load_checkpoint(path).meta["std"] == list(STD)
