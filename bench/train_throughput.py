@@ -21,7 +21,6 @@ import os
 import socket
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -34,21 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from app.model import FinalModel  # noqa: E402
 from app.preprocess import normalize  # noqa: E402
 from training.data import Split, load_cifar10  # noqa: E402
-from training.train import TrainConfig, train_one_epoch  # noqa: E402
+from training.train import Runtime, TrainConfig, train_one_epoch  # noqa: E402
 
 
-def make_ctx(amp: bool, channels_last: bool, rank: int = 0, world: int = 1) -> dict:
-    dtype = torch.bfloat16 if amp else None
-    return {
-        "device": torch.device("cpu"),
-        "rank": rank,
-        "world": world,
-        "amp": amp,
-        "channels_last": channels_last,
-        "teacher": None,  # train_one_epoch's optional extras, off here
-        "ema": None,
-        "autocast": (lambda: torch.autocast("cpu", dtype=dtype)) if amp else nullcontext,
-    }
+def make_runtime(amp: bool, channels_last: bool, rank: int = 0, world: int = 1) -> Runtime:
+    return Runtime(torch.device("cpu"), rank, world, torch.bfloat16 if amp else None, channels_last)
 
 
 def make_model(dropout: float, channels_last: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -65,10 +54,10 @@ def bare_rate(data: Split, batch: int, steps: int, amp: bool, channels_last: boo
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = data.labels[:batch]
-    ctx = make_ctx(amp, channels_last)
+    rt = make_runtime(amp, channels_last)
 
     def step():
-        with ctx["autocast"]():
+        with rt.autocast():
             loss = F.cross_entropy(model(x).float(), y, label_smoothing=0.1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -101,11 +90,9 @@ def full_rate(
         net = torch.compile(net)
     cfg = TrainConfig(batch_size=batch, epochs=1, dropout=dropout)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=steps + 3)
-    ctx = make_ctx(amp, channels_last, rank, world)
-    train_one_epoch(net, opt, sched, data.subset(torch.arange(2 * batch)), cfg, 0, ctx, progress=False)
-    r = train_one_epoch(
-        net, opt, sched, data.subset(torch.arange(steps * batch)), cfg, 0, ctx, progress=False
-    )
+    rt = make_runtime(amp, channels_last, rank, world)
+    train_one_epoch(net, opt, sched, data.subset(torch.arange(2 * batch)), cfg, 0, rt, progress=False)
+    r = train_one_epoch(net, opt, sched, data.subset(torch.arange(steps * batch)), cfg, 0, rt, progress=False)
     return r["images"] / r["seconds"]
 
 

@@ -46,7 +46,6 @@ class Split:
 class Cifar10:
     train: Split
     test: Split
-    source: str
     fingerprint: str  # sha256 of the decoded pixels and labels of both splits
 
 
@@ -173,7 +172,7 @@ def load_cifar10(source: str, cache_dir: str | Path = ".cache/data") -> Cifar10:
         log.info("loaded decoded data from %s", cached)
         train = Split(blob["train_images"], blob["train_labels"])
         test = Split(blob["test_images"], blob["test_labels"])
-        return Cifar10(train, test, source, blob["fingerprint"])
+        return Cifar10(train, test, blob["fingerprint"])
     if source == "cifar10":
         train, test = _load_torchvision(cache_dir)
     else:
@@ -189,7 +188,7 @@ def load_cifar10(source: str, cache_dir: str | Path = ".cache/data") -> Cifar10:
         },
         cached,
     )
-    return Cifar10(train, test, source, fp)
+    return Cifar10(train, test, fp)
 
 
 def split_validation(train: Split, val_size: int, seed: int) -> tuple[Split, Split]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import time
 from pathlib import Path
 
 from app.checkpoint import load_checkpoint
+from app.settings import available_cpus
 
 log = logging.getLogger("training.sweep")
 
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     # Decode the data once, so that the concurrent runs all find it in the cache.
     subprocess.run([sys.executable, "-m", "training", *common, "--dry-run", "--out",
                     str(out / "warmup")], check=True, stdout=subprocess.DEVNULL)
-    cores = os.cpu_count() or 1
+    cores = available_cpus()  # the cores this process may run on (its CPU affinity)
     recipes = args.recipe
     threads = max(1, cores // len(recipes))
     probe_start = time.time()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import subprocess
 import sys
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,14 @@ from app.checkpoint import save_checkpoint
 from app.model import CLASSES, FinalModel
 
 REPO = Path(__file__).resolve().parents[2]
+
+# last.pt's keys, as the code before the flat train.py wrote them (weights/lite-run/last.pt, say):
+# a run saved by an older version must still resume.
+TRAIN_STATE_KEYS = {
+    "format", "config", "epoch", "batch", "sums", "elapsed", "model", "optimizer", "scheduler",
+    "history", "best", "data_fingerprint", "init", "teacher", "ema", "saved_at",
+}  # fmt: skip
+BEST_KEYS = {"val_acc", "epoch", "train_acc", "state_dict"}
 
 
 def make_image_folder(root: Path, per_class: dict[str, int], seed: int = 0) -> Path:
@@ -63,3 +73,39 @@ def png_bytes(color=(200, 30, 30), size=(32, 32)) -> bytes:
 
 def python_cmd(*args: str) -> list[str]:
     return [sys.executable, *args]
+
+
+def run_training(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`python -m training ARGS` in a process of its own, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "training", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def run_evaluate(weights, data, tmp_path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "training.evaluate", "--weights", str(weights), "--data", str(data),
+         "--cache-dir", str(tmp_path / "cache"), *args],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def train_main(capsys) -> Callable[..., tuple[int, str]]:
+    """`python -m training ARGS` in this process, for runs refused before the first step:
+    (exit code, stderr). argparse's own errors count as exit code 2. The torch thread count a
+    run sets is put back afterwards."""
+    from training.train import main
+
+    threads = torch.get_num_threads()
+
+    def call(*args: str) -> tuple[int, str]:
+        capsys.readouterr()
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        return code, capsys.readouterr().err
+
+    yield call
+    torch.set_num_threads(threads)

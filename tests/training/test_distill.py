@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from app.checkpoint import load_checkpoint
 from app.model import CLASSES
 from training.teacher import TeacherNet, load_teacher
+from training.teacher import main as teacher_main
 from training.train import TrainConfig, training_loss
 
 from .conftest import REPO
@@ -50,6 +51,7 @@ def teacher(tiny_data, tmp_path_factory):
     return tmp / "run" / "teacher.pt"
 
 
+@pytest.mark.slow
 def test_teacher_writes_a_weights_only_checkpoint_with_its_split(teacher):
     blob = torch.load(teacher, weights_only=True)  # no pickled objects
     assert blob["val_size"] == 20 and blob["seed"] == 0 and blob["widths"] == [8, 16, 16, 16]
@@ -66,6 +68,7 @@ def test_default_teacher_is_about_two_million_parameters():
     assert 1_900_000 < sum(p.numel() for p in TeacherNet().parameters()) < 2_100_000
 
 
+@pytest.mark.slow
 def test_distilled_run_records_teacher_ema_and_mixup(teacher, tiny_data, tmp_path):
     out = tmp_path / "student"
     proc = run_module("training", "--data", str(tiny_data), "--cache-dir", str(tmp_path / "cache"),
@@ -84,22 +87,23 @@ def test_distilled_run_records_teacher_ema_and_mixup(teacher, tiny_data, tmp_pat
     assert all("val_acc_raw" in h for h in history)  # the average and the raw weights, both validated
 
 
-def test_a_teacher_that_saw_the_validation_images_is_refused(teacher, tiny_data, tmp_path):
-    proc = run_module("training", "--data", str(tiny_data), "--cache-dir", str(tmp_path / "cache"),
-                      "--out", str(tmp_path / "s"), "--epochs", "2", "--val-size", "30", "--batch-size", "20",
-                      "--teacher", str(teacher))
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --teacher: {teacher} used --val-size 20")
+@pytest.mark.slow
+def test_a_teacher_that_saw_the_validation_images_is_refused(teacher, tiny_data, tmp_path, train_main):
+    code, stderr = train_main("--data", tiny_data, "--cache-dir", tmp_path / "cache", "--out", tmp_path / "s",
+                              "--epochs", "2", "--val-size", "30", "--batch-size", "20", "--teacher", teacher)
+    assert code == 2
+    assert stderr.strip().splitlines()[-1].startswith(f"error: --teacher: {teacher} used --val-size 20")
 
 
-def test_a_file_that_is_not_a_teacher_is_refused(tiny_data, tmp_path, checkpoint_path):
-    proc = run_module("training", "--data", str(tiny_data), "--cache-dir", str(tmp_path / "cache"),
-                      "--out", str(tmp_path / "s"), "--epochs", "2", *TINY, "--teacher", str(checkpoint_path))
-    assert proc.returncode == 2
-    assert "is not a checkpoint written by python -m training.teacher" in proc.stderr
+def test_a_file_that_is_not_a_teacher_is_refused(tiny_data, tmp_path, checkpoint_path, train_main):
+    code, stderr = train_main("--data", tiny_data, "--cache-dir", tmp_path / "cache", "--out", tmp_path / "s",
+                              "--epochs", "2", *TINY, "--teacher", checkpoint_path)
+    assert code == 2
+    assert "is not a checkpoint written by python -m training.teacher" in stderr
 
 
-def test_killed_distilled_run_resumes_only_with_the_same_teacher(teacher, tiny_data, tmp_path):
+@pytest.mark.slow
+def test_killed_distilled_run_resumes_only_with_the_same_teacher(teacher, tiny_data, tmp_path, train_main):
     out = tmp_path / "run"
     args = ["--data", str(tiny_data), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
             "--epochs", "6", *TINY, "--lr", "0.05", "--teacher", str(teacher), "--ema", "0.9"]
@@ -112,15 +116,16 @@ def test_killed_distilled_run_resumes_only_with_the_same_teacher(teacher, tiny_d
     blob = torch.load(teacher, weights_only=True)
     blob["state_dict"] = {k: v + 1 if v.is_floating_point() else v for k, v in blob["state_dict"].items()}
     torch.save(blob, other)
-    refused = run_module("training", "--out", str(out), "--resume", "--teacher", str(other))
-    assert refused.returncode == 2 and "is not the teacher the run started with" in refused.stderr
+    code, stderr = train_main("--out", out, "--resume", "--teacher", other)
+    assert code == 2 and "is not the teacher the run started with" in stderr
 
     resumed = run_module("training", "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert [h["epoch"] for h in json.loads((out / "history.json").read_text())] == list(range(1, 7))
 
 
-def test_killed_teacher_resumes_where_it_stopped(tiny_data, tmp_path):
+@pytest.mark.slow
+def test_killed_teacher_resumes_where_it_stopped(tiny_data, tmp_path, capsys):
     out = tmp_path / "teacher"
     args = ["--data", str(tiny_data), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
             "--epochs", "6", *TINY_TEACHER]
@@ -128,8 +133,9 @@ def test_killed_teacher_resumes_where_it_stopped(tiny_data, tmp_path):
     assert code == 130 and "continue with --resume" in stderr
     before = json.loads((out / "history.json").read_text())
 
-    refused = run_module("training.teacher", "--out", str(out), "--resume", "--epochs", "9")
-    assert refused.returncode == 2 and "--epochs cannot change" in refused.stderr
+    capsys.readouterr()
+    assert teacher_main(["--out", str(out), "--resume", "--epochs", "9"]) == 2  # in this process
+    assert "--epochs cannot change" in capsys.readouterr().err
     resumed = run_module("training.teacher", "--out", str(out), "--resume", "--threads", "1")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     after = json.loads((out / "history.json").read_text())

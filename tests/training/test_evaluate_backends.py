@@ -1,6 +1,6 @@
 """`python -m training.evaluate --backend ...`: evaluation through the service's predictor, any backend."""
 
-from .test_train import run_evaluate
+from .conftest import run_evaluate
 
 
 def test_onnxruntime_evaluation_reports_its_agreement_with_pytorch_fp32(
@@ -21,8 +21,10 @@ def test_the_reference_configuration_compares_with_nothing(checkpoint_path, tiny
 
 
 def test_a_backend_that_cannot_run_the_precision_is_one_clear_error(checkpoint_path, tiny_archive, tmp_path):
-    proc = run_evaluate(checkpoint_path, tiny_archive, tmp_path, "--backend", "onnxruntime",
-                        "--precision", "bf16")
+    proc = run_evaluate(
+        checkpoint_path, tiny_archive, tmp_path, "--backend", "onnxruntime", "--precision", "bf16"
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
-        "error: the onnxruntime backend runs fp32 only; use the pytorch backend for bf16")
+        "error: the onnxruntime backend runs fp32 only; use the pytorch backend for bf16"
+    )

@@ -8,7 +8,7 @@ from app.checkpoint import save_checkpoint
 from app.model import CLASSES, FinalModel
 from training.served import local_service
 
-from .test_train import run_evaluate
+from .conftest import run_evaluate
 
 
 def test_the_service_on_the_same_weights_agrees_on_every_test_image(checkpoint_path, tiny_archive, tmp_path):
@@ -31,8 +31,9 @@ def test_a_service_on_other_weights_is_caught(checkpoint_path, tiny_archive, tmp
     save_checkpoint(shifted, model, metrics={"test_acc": 0.5}, epoch=1, created_at="2026-01-01T00:00:00")
 
     with local_service(shifted) as url:
-        proc = run_evaluate(checkpoint_path, tiny_archive, tmp_path, "--service-url", url,
-                            "--max-disagree", "3")
+        proc = run_evaluate(
+            checkpoint_path, tiny_archive, tmp_path, "--service-url", url, "--max-disagree", "3"
+        )
     assert proc.returncode == 1
     assert "served labels: 0 of 30 agree with this evaluation" in proc.stdout
     assert "30 served labels differ from this evaluation (at most 3 allowed)" in proc.stderr
@@ -46,11 +47,17 @@ def test_the_torchvision_source_is_refused_plainly(checkpoint_path, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: --check-service: the torchvision download has no image files; "
-        "use an ImageFolder folder or archive")
+        "use an ImageFolder folder or archive"
+    )
 
 
 def test_an_unreachable_service_is_one_clear_error(checkpoint_path, tiny_archive, tmp_path):
     proc = run_evaluate(checkpoint_path, tiny_archive, tmp_path, "--service-url", "http://127.0.0.1:9")
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1].startswith(
-        "error: --check-service: POST http://127.0.0.1:9/predict failed: [Errno 111] Connection refused")
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "error: --check-service: POST http://127.0.0.1:9/predict failed: [Errno 111] Connection refused"
+        )
+    )

@@ -35,6 +35,7 @@ def test_plan_trades_runs_for_epochs(seconds, left, expected):
     assert plan(seconds, 4, left, min_epochs=80, max_epochs=200) == expected
 
 
+@pytest.mark.slow
 def test_sweep_trains_each_recipe_and_ranks_by_validation(tiny_data, tmp_path):
     out = tmp_path / "sweep"
     proc = subprocess.run(

@@ -1,4 +1,5 @@
-"""The training module end to end, as a user runs it: real subprocesses on tiny data."""
+"""The training module end to end, as a user runs it: real subprocesses on tiny data; runs
+refused before their first step are called in this process (`train_main`)."""
 
 import json
 import os
@@ -13,28 +14,26 @@ import torch
 from app.checkpoint import build_model, load_checkpoint
 from app.model import CLASSES
 
-from .conftest import REPO
+from .conftest import BEST_KEYS, REPO, TRAIN_STATE_KEYS, run_evaluate, run_training
 
 # Small enough for seconds on a CPU: 120 images, 20 of them held out, batches of 20.
 TINY = ["--val-size", "20", "--batch-size", "20", "--lr", "0.05"]
 
 
-def run_training(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "training", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def run_evaluate(weights, data, tmp_path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "training.evaluate", "--weights", str(weights), "--data", str(data),
-         "--cache-dir", str(tmp_path / "cache"), *args],
-        cwd=REPO, capture_output=True, text=True, timeout=120)
-
-
+@pytest.mark.slow
 def test_training_writes_a_checkpoint_that_loads_into_finalmodel(tiny_archive, tmp_path):
     out = tmp_path / "run"
-    proc = run_training("--data", str(tiny_archive), "--cache-dir", str(tmp_path / "cache"),
-                        "--out", str(out), "--epochs", "2", *TINY)
+    proc = run_training(
+        "--data",
+        str(tiny_archive),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        *TINY,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "epoch 2/2" in proc.stderr
 
@@ -56,6 +55,7 @@ def test_training_writes_a_checkpoint_that_loads_into_finalmodel(tiny_archive, t
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_training_learns_an_easy_task(tiny_data, tmp_path):
     """Each tiny class is one colour plus noise: a few epochs must beat chance by far.
 
@@ -63,36 +63,86 @@ def test_training_learns_an_easy_task(tiny_data, tmp_path):
     zeros given here silently fell back to the defaults: cutout 8, dropout 0.05).
     """
     out = tmp_path / "run"
-    proc = run_training("--data", str(tiny_data), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
-                        "--epochs", "20", "--val-size", "20", "--batch-size", "10", "--lr", "0.05",
-                        "--cutout", "0", "--dropout", "0", "--translate", "0", "--label-smoothing", "0")
+    proc = run_training(
+        "--data",
+        str(tiny_data),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(out),
+        "--epochs",
+        "20",
+        "--val-size",
+        "20",
+        "--batch-size",
+        "10",
+        "--lr",
+        "0.05",
+        "--cutout",
+        "0",
+        "--dropout",
+        "0",
+        "--translate",
+        "0",
+        "--label-smoothing",
+        "0",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert load_checkpoint(out / "final_model.pt").meta["metrics"]["test_acc"] >= 0.5
 
 
 def test_dry_run_flag_runs_the_pipeline(tiny_data, tmp_path):
-    proc = run_training("--data", str(tiny_data), "--cache-dir", str(tmp_path / "cache"),
-                        "--dry-run", "--limit", "100", "--out", str(tmp_path / "dry"), "--val-size", "10",
-                        "--batch-size", "10")
+    proc = run_training(
+        "--data",
+        str(tiny_data),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--dry-run",
+        "--limit",
+        "100",
+        "--out",
+        str(tmp_path / "dry"),
+        "--val-size",
+        "10",
+        "--batch-size",
+        "10",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert load_checkpoint(tmp_path / "dry" / "final_model.pt").meta["epoch"] == 1
 
 
-def test_bad_data_source_is_one_clear_error(tmp_path):
-    proc = run_training("--data", str(tmp_path / "missing.tar.gz"), "--out", str(tmp_path / "o"))
-    assert proc.returncode == 2
+def test_bad_data_source_is_one_clear_error(tmp_path, train_main):
     missing = tmp_path / "missing.tar.gz"
-    assert proc.stderr.strip().splitlines()[-1] == f"error: data source {missing} does not exist"
+    code, stderr = train_main("--data", missing, "--out", tmp_path / "o")
+    assert code == 2
+    assert stderr.strip().splitlines()[-1] == f"error: data source {missing} does not exist"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_killed_run_resumes_where_it_stopped(tiny_data, tmp_path, sig):
     """Kill a real run after its first epoch; --resume finishes it without starting over."""
     out = tmp_path / "run"
-    args = ["--data", str(tiny_data), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
-            "--epochs", "8", *TINY, "--threads", "2"]
-    proc = subprocess.Popen([sys.executable, "-m", "training", *args], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    args = [
+        "--data",
+        str(tiny_data),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(out),
+        "--epochs",
+        "8",
+        *TINY,
+        "--threads",
+        "2",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "training", *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     history_file = out / "history.json"
     deadline = time.monotonic() + 180
     while not history_file.exists() and time.monotonic() < deadline and proc.poll() is None:
@@ -104,6 +154,7 @@ def test_killed_run_resumes_where_it_stopped(tiny_data, tmp_path, sig):
         assert proc.returncode == 130 and "continue with --resume" in stderr
 
     state = torch.load(out / "last.pt", weights_only=True)  # never half written
+    assert set(state) == TRAIN_STATE_KEYS and set(state["best"]) == BEST_KEYS
     stopped_epoch, stopped_batch = state["epoch"], state["batch"]
     assert 1 <= stopped_epoch < 8
     before = json.loads(history_file.read_text())
@@ -118,27 +169,47 @@ def test_killed_run_resumes_where_it_stopped(tiny_data, tmp_path, sig):
     assert after[: len(before)] == before  # the finished epochs were kept, not redone
     meta = load_checkpoint(out / "final_model.pt").meta
     assert meta["epoch"] == 8 and meta["config"]["threads"] == 1 and meta["config"]["epochs"] == 8
-    assert all(h["wall_s"] >= h["seconds"] > 0 for h in after[len(before):])
+    assert all(h["wall_s"] >= h["seconds"] > 0 for h in after[len(before) :])
 
 
-def test_resume_refuses_to_change_the_recipe(tmp_path):
-    proc = run_training("--out", str(tmp_path / "run"), "--resume", "--epochs", "30", "--lr", "0.1")
-    assert proc.returncode == 2
-    assert "--epochs, --lr cannot change" in proc.stderr and "--threads" in proc.stderr
+def test_resume_refuses_to_change_the_recipe(tmp_path, train_main):
+    code, stderr = train_main("--out", tmp_path / "run", "--resume", "--epochs", "30", "--lr", "0.1")
+    assert code == 2
+    assert "--epochs, --lr cannot change" in stderr and "--threads" in stderr
 
 
-def test_resume_without_a_saved_run_is_refused(tmp_path):
-    proc = run_training("--out", str(tmp_path / "empty"), "--resume")
-    assert proc.returncode == 2 and "last.pt does not exist" in proc.stderr
+def test_resume_without_a_saved_run_is_refused(tmp_path, train_main):
+    code, stderr = train_main("--out", tmp_path / "empty", "--resume")
+    assert code == 2 and "last.pt does not exist" in stderr
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes(tiny_data, tmp_path):
     out = tmp_path / "ddp"
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "training",
-         "--data", str(tiny_data), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
-         "--epochs", "2", *TINY, "--device", "cpu"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "-m",
+            "training",
+            "--data",
+            str(tiny_data),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--out",
+            str(out),
+            "--epochs",
+            "2",
+            *TINY,
+            "--device",
+            "cpu",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -147,7 +218,11 @@ def test_torchrun_two_cpu_processes(tiny_data, tmp_path):
     meta = load_checkpoint(out / "final_model.pt").meta
     assert meta["device"].startswith("cpu") and "2 process(es)" in meta["device"]
     assert sorted(p.name for p in out.iterdir()) == [
-        "confusion_matrix.png", "curves.png", "final_model.pt", "history.json", "last.pt",
+        "confusion_matrix.png",
+        "curves.png",
+        "final_model.pt",
+        "history.json",
+        "last.pt",
         "misclassified.png",
     ]
 
@@ -189,6 +264,7 @@ def test_evaluate_max_drop_compares_with_recorded(tiny_data, tmp_path, checkpoin
         assert "points below the recorded 50.00%" in proc.stderr
 
 
+@pytest.mark.slow
 def test_init_continues_from_a_finished_run(tiny_data, tmp_path):
     """--init starts a new cycle from a parent's weights and records where they came from."""
     common = ["--data", str(tiny_data), "--cache-dir", str(tmp_path / "cache"), *TINY]
@@ -197,8 +273,17 @@ def test_init_continues_from_a_finished_run(tiny_data, tmp_path):
     parent_ckpt = load_checkpoint(tmp_path / "a" / "final_model.pt")
 
     # lr 0: the learned weights cannot move (only BatchNorm's running statistics do)
-    child = run_training(*common, "--out", str(tmp_path / "b"), "--epochs", "1", "--lr", "0",
-                         "--init", str(tmp_path / "a" / "final_model.pt"))
+    child = run_training(
+        *common,
+        "--out",
+        str(tmp_path / "b"),
+        "--epochs",
+        "1",
+        "--lr",
+        "0",
+        "--init",
+        str(tmp_path / "a" / "final_model.pt"),
+    )
     assert child.returncode == 0, child.stderr[-2000:]
     child_ckpt = load_checkpoint(tmp_path / "b" / "final_model.pt")
     meta = child_ckpt.meta
@@ -213,24 +298,14 @@ def test_init_continues_from_a_finished_run(tiny_data, tmp_path):
     assert not all(torch.equal(fresh[k], parent_ckpt.state_dict[k]) for k in learned)
 
 
-def test_init_refuses_a_parent_with_another_validation_split(tiny_data, tmp_path):
+@pytest.mark.slow
+def test_init_refuses_a_parent_with_another_validation_split(tiny_data, tmp_path, train_main):
     common = ["--data", str(tiny_data), "--cache-dir", str(tmp_path / "cache"), *TINY]
     assert run_training(*common, "--out", str(tmp_path / "a"), "--epochs", "1").returncode == 0
-    child = run_training(*common, "--out", str(tmp_path / "b"), "--epochs", "1", "--seed", "1",
-                         "--init", str(tmp_path / "a" / "final_model.pt"))
-    assert child.returncode == 2
-    assert "used --seed 0, this run 1; the validation split must be the same" in child.stderr
-
-
-def test_zero_valued_flags_are_not_replaced_by_defaults(tiny_data, tmp_path):
-    out = tmp_path / "run"
-    proc = run_training("--data", str(tiny_data), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
-                        "--epochs", "1", *TINY, "--dropout", "0", "--cutout", "0", "--translate", "0",
-                        "--label-smoothing", "0", "--weight-decay", "0")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    config = load_checkpoint(out / "final_model.pt").meta["config"]
-    assert {k: config[k] for k in ("dropout", "cutout", "translate", "label_smoothing", "weight_decay")} == {
-        "dropout": 0, "cutout": 0, "translate": 0, "label_smoothing": 0, "weight_decay": 0}
+    code, stderr = train_main(*common, "--out", tmp_path / "b", "--epochs", "1", "--seed", "1",
+                              "--init", tmp_path / "a" / "final_model.pt")  # fmt: skip
+    assert code == 2
+    assert "used --seed 0, this run 1; the validation split must be the same" in stderr
 
 
 def test_code_version_prefers_the_given_one(monkeypatch):
@@ -243,7 +318,10 @@ def test_code_version_prefers_the_given_one(monkeypatch):
     assert code_version() != "abc1234" and code_version()
 
 
-def test_model_lite_writes_lite_model_pt_and_init_refuses_the_other_architecture(tiny_data, tmp_path):
+@pytest.mark.slow
+def test_model_lite_writes_lite_model_pt_and_init_refuses_the_other_architecture(
+    tiny_data, tmp_path, train_main
+):
     out = tmp_path / "lite"
     common = ["--data", str(tiny_data), "--cache-dir", str(tmp_path / "cache"), *TINY, "--epochs", "2"]
     proc = run_training(*common, "--model", "lite", "--out", str(out))
@@ -253,6 +331,6 @@ def test_model_lite_writes_lite_model_pt_and_init_refuses_the_other_architecture
     assert ckpt.meta["model"] == "LiteModel" and ckpt.meta["config"]["model"] == "lite"
     assert type(build_model(ckpt)).__name__ == "LiteModel"
 
-    refused = run_training(*common, "--init", str(out / "lite_model.pt"), "--out", str(tmp_path / "final"))
-    assert refused.returncode == 2
-    assert "holds a LiteModel, this run trains a FinalModel" in refused.stderr
+    code, stderr = train_main(*common, "--init", out / "lite_model.pt", "--out", tmp_path / "final")
+    assert code == 2
+    assert "holds a LiteModel, this run trains a FinalModel" in stderr
