@@ -58,10 +58,11 @@ def free_port() -> int:
 def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = STARTUP_TIMEOUT_S) -> bool:
     """True once GET `url`/health/ready answers 200; False when `proc` exits first or `timeout`
     seconds pass."""
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and (proc is None or proc.poll() is None):
         try:
-            with urllib.request.urlopen(f"{url}/health/ready", timeout=2) as answer:
+            with direct.open(f"{url}/health/ready", timeout=2) as answer:
                 if answer.status == 200:
                     return True
         except (urllib.error.URLError, OSError):  # not listening yet, or 503 while starting

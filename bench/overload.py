@@ -48,13 +48,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 from serve_load import (  # noqa: E402
     add_smoke_flag,
     batch_stats,
-    free_port,
     multipart_body,
     raw_request,
     read_test_jpegs,
     start_server,
-    stop_server,
-    wait_ready,
 )
 from soak import rss_mb  # noqa: E402
 
@@ -350,19 +347,12 @@ def main(argv: list[str] | None = None) -> int:
             torch.manual_seed(0)
             save_checkpoint(weights, FinalModel())
             print(f"{args.weights} not found: serving a randomly initialised FinalModel (same speed)")
-        port = free_port()
-        requests = [
-            raw_request(multipart_body(j, f"{i}.jpg"), "127.0.0.1", port) for i, j in enumerate(jpegs)
-        ]
-        os.environ.update(server_env)  # start_server hands this process's environment to the server
-        try:
-            proc = start_server(args, weights, "on", port)  # batching on, fast path on: the defaults
-        finally:
-            for name in server_env:
-                os.environ.pop(name, None)
-        try:
-            base = f"http://127.0.0.1:{port}"
-            wait_ready(proc, base, args.startup_timeout)
+        # batching on, fast path on: the defaults; --set goes over them
+        with start_server(args, weights, "on", env=server_env) as server:
+            port, proc = server.port, server.proc
+            requests = [
+                raw_request(multipart_body(j, f"{i}.jpg"), "127.0.0.1", port) for i, j in enumerate(jpegs)
+            ]
             print(
                 f"server pid {proc.pid} on 127.0.0.1:{port}; RSS {rss_mb(proc.pid):.0f} MB when ready",
                 flush=True,
@@ -379,9 +369,7 @@ def main(argv: list[str] | None = None) -> int:
                 return results
 
             results = asyncio.run(run_all())
-            metrics = httpx.get(f"{base}/metrics", timeout=10).text
-        finally:
-            stop_server(proc)
+            metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
     report(results)
     cut = re.findall(r"^cifar10_slow_clients_total\{phase=\"(\w+)\"\} (\S+)$", metrics, re.M)
     refused = re.search(r"^cifar10_connections_refused_total (\S+)$", metrics, re.M)

@@ -29,17 +29,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import os
 import re
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tarfile
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -52,8 +50,10 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# torch and app.* are imported where they are used: bench/soak.py borrows the server helpers
-# below and should not pay for importing torch in the load generator.
+from app import launch  # noqa: E402  (the standard library only)
+
+# torch and the rest of app.* are imported where they are used: bench/soak.py borrows the
+# server helpers below and should not pay for importing torch in the load generator.
 
 BOUNDARY = "cifar10-bench-boundary"
 
@@ -216,12 +216,6 @@ def bare_latency_ms(model, images: torch.Tensor, seconds: float) -> float:
 # -- the server ------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # name -> (what it is, the service settings that select it)
 BACKENDS = {
     "pytorch-nchw": (
@@ -247,10 +241,15 @@ MODES = {  # mode -> (batching, fast path)
 }
 
 
-def start_server(args, weights: Path, mode: str, port: int, backend: str = "auto") -> subprocess.Popen:
+@contextmanager
+def start_server(
+    args, weights: Path, mode: str, backend: str = "auto", env: dict[str, str] | None = None
+) -> Iterator[launch.Server]:
+    """`uvicorn app.main:app` in `mode` (MODES) with `backend` (BACKENDS), ready for the `with`
+    block (up to --startup-timeout seconds), then stopped; `env` (CIFAR10_*, UVICORN_*) goes over
+    the settings chosen here. Its output goes to this script's."""
     batching, fast_path = MODES[mode]
-    env = {
-        **os.environ,
+    settings = {
         **{f"CIFAR10_{key.upper()}": value for key, value in BACKENDS[backend][1].items()},
         "CIFAR10_WEIGHTS": str(weights),
         "CIFAR10_DEVICE": getattr(args, "device", "cpu"),
@@ -260,46 +259,16 @@ def start_server(args, weights: Path, mode: str, port: int, backend: str = "auto
         "CIFAR10_MAX_WAIT_MS": str(args.max_wait_ms),
         "CIFAR10_WORKERS": str(args.workers),
         "CIFAR10_LOG_LEVEL": "WARNING",
-        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        **(env or {}),
     }
-    cmd = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "app.main:app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-        "--no-access-log",
-    ]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env)
-
-
-def wait_ready(proc: subprocess.Popen, base: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"error: the server exited with code {proc.returncode} during startup")
-        try:
-            if httpx.get(f"{base}/health/ready", timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"error: the server was not ready after {timeout:.0f} s")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    quiet = ["--log-level", "warning", "--no-access-log"]
+    try:
+        with launch.running(
+            settings, quiet, capture=False, cwd=ROOT, timeout=args.startup_timeout, stop_timeout=15
+        ) as server:
+            yield server
+    except launch.NotReady as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def batch_stats(base: str) -> tuple[float, float]:
@@ -562,17 +531,11 @@ def measure_backend(args, name: str, weights: Path, images, bodies: list[bytes])
     loaded: dict[str, LoadResult] = {}
     single: dict[str, LoadResult] = {}
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        proc = start_server(args, weights, mode, port, backend=name)
-        try:
-            wait_ready(proc, base, args.startup_timeout)
+        with start_server(args, weights, mode, backend=name) as server:
             loaded[mode] = asyncio.run(
-                drive(base, bodies, args.clients, args.warmup, args.duration, args.client)
+                drive(server.url, bodies, args.clients, args.warmup, args.duration, args.client)
             )
-            single[mode] = asyncio.run(drive(base, bodies, 1, 0.5, args.single_duration, args.client))
-        finally:
-            stop_server(proc)
+            single[mode] = asyncio.run(drive(server.url, bodies, 1, 0.5, args.single_duration, args.client))
         for r, clients in ((loaded[mode], args.clients), (single[mode], 1)):
             note = f"{r.mean_batch:.1f}" + (f" ({r.errors} errors)" if r.errors else "")
             label = "server, batching on, FastAPI route" if mode == "route" else f"server, batching {mode}"

@@ -40,14 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from serve_load import (  # noqa: E402
-    add_smoke_flag,
-    free_port,
-    read_test_jpegs,
-    start_server,
-    stop_server,
-    wait_ready,
-)
+from serve_load import add_smoke_flag, read_test_jpegs, start_server  # noqa: E402
 
 BOUNDARY = "cifar10-soak-boundary"
 BOMB_SIDE = 100_000  # pixels per side declared by the bomb's PNG header: 10 gigapixels
@@ -355,11 +348,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.manual_seed(0)
             save_checkpoint(weights_file, FinalModel())
             print(f"{args.weights} not found: serving a randomly initialised FinalModel")
-        port = free_port()
-        proc = start_server(args, weights_file, "on", port)  # batching on, fast path on: the defaults
-        try:
-            base = f"http://127.0.0.1:{port}"
-            wait_ready(proc, base, args.startup_timeout)
+        with start_server(args, weights_file, "on") as server:  # batching on, fast path on: the defaults
+            base, port, proc = server.url, server.port, server.proc
             max_files = httpx.get(f"{base}/model/summary", timeout=10).json()["serving"]["max_files"]
             valid, invalid = request_kinds(jpegs, max_files)
             kinds = [valid, *invalid]
@@ -368,8 +358,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"invalid kinds: {names} ({args.invalid_fraction:.0%} of the requests in all)")
             print(f"server pid {proc.pid} on 127.0.0.1:{port}; {args.duration:.0f} s of load", flush=True)
             ok = asyncio.run(soak(port, proc.pid, kinds, weights, args))
-        finally:
-            stop_server(proc)
     print("PASS" if ok else "FAIL: see the rows marked NO")
     return 0 if ok else 1
 

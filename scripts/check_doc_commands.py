@@ -51,17 +51,19 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from app import launch  # noqa: E402  (free_port, wait_ready: the standard library only)
+
 SHELL_LANGUAGES = {"bash", "sh", "shell", "console"}
 MARKER = re.compile(r"\[(ci|tested|not run)(?::\s*([^\]]*?))?\s*\]")
 DATA_PLACEHOLDER = "path/to/cifar10-jpeg.tar.gz"
@@ -177,17 +179,10 @@ def marker_problems(command: Command, root: Path = ROOT) -> list[str]:
 # -- running ---------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def tiny_archive(folder: Path) -> Path:
     """4 training and 2 test 32x32 JPEGs per class, as cifar10/{train,test}/<class>/NNNN.jpg."""
     from PIL import Image
 
-    sys.path.insert(0, str(ROOT))
     from app.model import CLASSES
 
     path = folder / "cifar10-tiny.tar.gz"
@@ -211,7 +206,7 @@ class Runner:
         from PIL import Image
 
         self.tmp = tmp
-        self.port = str(free_port())
+        self.port = str(launch.free_port())
         self.token = secrets.token_hex(16)
         self.server_pid: int | None = None
         bin_dir = tmp / "bin"
@@ -307,17 +302,7 @@ class Runner:
         return problems
 
     def wait_ready(self, proc: subprocess.Popen) -> bool:
-        deadline = time.monotonic() + SERVER_READY_TIMEOUT_S
-        url = f"http://127.0.0.1:{self.port}/health/ready"
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                with urllib.request.urlopen(url, timeout=2) as answer:
-                    if answer.status == 200:
-                        return True
-            except OSError:
-                pass
-            time.sleep(0.3)
-        return False
+        return launch.wait_ready(f"http://127.0.0.1:{self.port}", proc, SERVER_READY_TIMEOUT_S)
 
 
 def server_groups(commands: list[Command]) -> tuple[list[tuple[Command, list[Command]]], list[str]]:

@@ -10,10 +10,6 @@ check needs nothing beyond the training extra.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -23,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
+from app import launch
 from app.model import CLASSES
 
 FILES_PER_REQUEST = 16
@@ -36,8 +33,10 @@ def _multipart(files: Sequence[Path]) -> tuple[bytes, str]:
     boundary = uuid.uuid4().hex
     parts = []
     for path in files:
-        head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{path.name}"\r\n'
-                "Content-Type: application/octet-stream\r\n\r\n")
+        head = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{path.name}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        )
         parts += [head.encode(), path.read_bytes(), b"\r\n"]
     parts.append(f"--{boundary}--\r\n".encode())
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
@@ -45,8 +44,9 @@ def _multipart(files: Sequence[Path]) -> tuple[bytes, str]:
 
 def _post(url: str, files: Sequence[Path], timeout: float) -> list[int]:
     body, content_type = _multipart(files)
-    request = urllib.request.Request(f"{url}/predict?top_k=1", data=body,
-                                     headers={"Content-Type": content_type})
+    request = urllib.request.Request(
+        f"{url}/predict?top_k=1", data=body, headers={"Content-Type": content_type}
+    )
     for attempt in range(5):
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -70,42 +70,31 @@ def served_labels(url: str, files: Sequence[Path], concurrency: int = 4, timeout
         return [label for labels in pool.map(lambda c: _post(url, c, timeout), chunks) for label in labels]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
-def local_service(weights: str | Path, device: str = "cpu", timeout: float = 120.0, backend: str = "auto",
-                  precision: str = "auto", layout: str = "auto") -> Iterator[str]:
+def local_service(
+    weights: str | Path,
+    device: str = "cpu",
+    timeout: float = 120.0,
+    backend: str = "auto",
+    precision: str = "auto",
+    layout: str = "auto",
+) -> Iterator[str]:
     """`uvicorn app.main:app` on a free loopback port serving `weights` with the given backend,
     precision and layout (the service's settings); yields its base URL."""
-    port = _free_port()
-    env = {**os.environ, "CIFAR10_WEIGHTS": str(weights), "CIFAR10_DEVICE": device,
-           "CIFAR10_BACKEND": backend, "CIFAR10_PRECISION": precision, "CIFAR10_LAYOUT": layout,
-           "CIFAR10_MAX_FILES": str(FILES_PER_REQUEST), "CIFAR10_LOG_LEVEL": "WARNING"}
-    cmd = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port),
-           "--log-level", "warning", "--no-access-log"]
-    proc = subprocess.Popen(cmd, env=env)
-    url = f"http://127.0.0.1:{port}"
+    env = {
+        "CIFAR10_WEIGHTS": str(weights),
+        "CIFAR10_DEVICE": device,
+        "CIFAR10_BACKEND": backend,
+        "CIFAR10_PRECISION": precision,
+        "CIFAR10_LAYOUT": layout,
+        "CIFAR10_MAX_FILES": str(FILES_PER_REQUEST),
+        "CIFAR10_LOG_LEVEL": "WARNING",
+    }
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise ServiceError(f"the service exited with code {proc.returncode} during startup")
-            try:
-                with urllib.request.urlopen(f"{url}/health/ready", timeout=2):
-                    break
-            except (urllib.error.URLError, OSError):
-                if time.monotonic() > deadline:
-                    raise ServiceError(f"the service was not ready after {timeout:.0f} s") from None
-                time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        service = launch.running(
+            env, ["--log-level", "warning", "--no-access-log"], capture=False, timeout=timeout
+        )
+        with service as server:
+            yield server.url
+    except launch.NotReady as exc:
+        raise ServiceError(str(exc)) from None

@@ -19,27 +19,15 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from app import launch
 from app.checkpoint import file_sha256
 
+from .conftest import REPO
 from .images import png_bytes
 from .test_reload import variant
-from .test_server import STARTUP_TIMEOUT, free_port, uvicorn
 
 WAIT = 30.0  # seconds to wait for something that should happen soon
 BOUNDARY = "held-upload-boundary"
-
-
-def wait_ready(proc, base: str) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"{base}/health/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise AssertionError(f"the server did not get ready:\n{proc.communicate()[0]}")
 
 
 def wait_for(condition, what: str) -> None:
@@ -55,30 +43,23 @@ def metric(base: str, name: str) -> float:
 
 
 @pytest.fixture
-def server(weights, tmp_path) -> Iterator:
-    """start(*args, **env) -> (process, base URL); the process is killed at the end if still running."""
-    started = []
+def server(weights) -> Iterator:
+    """start(*args, **env) -> a ready launch.Server (uvicorn with `args`, settings `env`), which the
+    test signals; the process is stopped at the end if still running."""
+    with contextlib.ExitStack() as stack:
 
-    def start(*args: str, **env: str):
-        port = free_port()
-        env = {"CIFAR10_WEIGHTS": str(weights), "CIFAR10_DEVICE": "cpu", "CIFAR10_WARMUP": "false", **env}
-        proc = uvicorn(port, *args, **env)
-        started.append(proc)
-        base = f"http://127.0.0.1:{port}"
-        wait_ready(proc, base)
-        return proc, base
+        def start(*args: str, **env: str) -> launch.Server:
+            env = {"CIFAR10_WEIGHTS": str(weights), "CIFAR10_DEVICE": "cpu", "CIFAR10_WARMUP": "false", **env}
+            return stack.enter_context(launch.running(env, args, cwd=REPO))
 
-    yield start
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        yield start
 
 
 def test_sighup_reloads_the_configured_weights_and_refuses_a_bad_file(server, weights, tmp_path):
     live = tmp_path / "live.pt"
     shutil.copy(weights, live)
-    proc, base = server(CIFAR10_WEIGHTS=str(live))
+    live_server = server(CIFAR10_WEIGHTS=str(live))
+    proc, base = live_server.proc, live_server.url
     assert httpx.get(f"{base}/health/ready").json()["model_sha256"] == file_sha256(weights)
 
     variant(
@@ -100,7 +81,8 @@ def test_sighup_reloads_the_configured_weights_and_refuses_a_bad_file(server, we
     assert metric(base, 'cifar10_model_reloads_total{outcome="swapped"}') == 1
 
     proc.send_signal(signal.SIGINT)
-    output, _ = proc.communicate(timeout=WAIT)
+    proc.wait(timeout=WAIT)
+    output = live_server.output()
     assert "reloaded weights from" in output and new_sha[:12] in output
     assert "SIGHUP: reload refused" in output and "damaged" in output
 
@@ -123,7 +105,8 @@ def held_upload(base: str, release: threading.Event, seed: int) -> httpx.Respons
 
 
 def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(server):
-    proc, base = server(CIFAR10_DRAIN_TIMEOUT_S="60", CIFAR10_RETRY_AFTER_S="2")
+    draining = server(CIFAR10_DRAIN_TIMEOUT_S="60", CIFAR10_RETRY_AFTER_S="2")
+    proc, base = draining.proc, draining.url
     release = threading.Event()
     count = 4
     with ThreadPoolExecutor(count) as pool:
@@ -146,7 +129,8 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(server):
             release.set()
         answers = [future.result(2 * WAIT) for future in in_flight]
     assert [a.status_code for a in answers] == [200] * count
-    output, _ = proc.communicate(timeout=WAIT)  # well within the drain timeout
+    proc.wait(timeout=WAIT)  # well within the drain timeout
+    output = draining.output()
     # uvicorn re-raises the SIGTERM it handled once it has shut down cleanly (the POSIX convention),
     # so the status is -SIGTERM here; as a container's PID 1 the same process exits 0.
     assert proc.returncode in (0, -signal.SIGTERM), output
@@ -157,7 +141,8 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(server):
 def test_the_drain_timeout_bounds_the_wait_for_a_stuck_request(server):
     """A client that never finishes its upload delays the stop by the drain timeout, not forever
     (uvicorn's --timeout-graceful-shutdown then bounds the wait for the connection itself)."""
-    proc, base = server("--timeout-graceful-shutdown", "1", CIFAR10_DRAIN_TIMEOUT_S="1")
+    stuck_server = server("--timeout-graceful-shutdown", "1", CIFAR10_DRAIN_TIMEOUT_S="1")
+    proc, base = stuck_server.proc, stuck_server.url
     release = threading.Event()
     with ThreadPoolExecutor(1) as pool:
         stuck = pool.submit(held_upload, base, release, 0)
@@ -165,8 +150,9 @@ def test_the_drain_timeout_bounds_the_wait_for_a_stuck_request(server):
             wait_for(lambda: metric(base, "cifar10_requests_in_flight") == 1, "the upload to start")
             started = time.monotonic()
             proc.send_signal(signal.SIGTERM)
-            output, _ = proc.communicate(timeout=WAIT)
+            proc.wait(timeout=WAIT)
             assert time.monotonic() - started < 15.0
+            output = stuck_server.output()
         finally:
             release.set()
         # uvicorn cancels the request when its own timeout passes: a plain-text 500, or a reset.
