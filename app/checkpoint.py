@@ -236,7 +236,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
 def build_model(ckpt: Checkpoint, expect: str | None = None) -> torch.nn.Module:
     """The checkpoint's network (FinalModel for a bare state_dict), eval mode, CPU, with its
     weights; refuses any mismatch, and any other network than `expect` when it is given."""
-    name = ckpt.meta.get("model", MODEL_NAME)
+    name = ckpt.meta.get("model", expect or MODEL_NAME)  # a bare state_dict is whatever is expected
     if expect is not None and name != expect:
         raise CheckpointError(f"weights file {ckpt.path} holds a {name}, not {expect}")
     architecture = ARCHITECTURES[name]
