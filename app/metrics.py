@@ -139,7 +139,8 @@ class Metrics:
         )
         self.admission_waiting = Gauge(
             f"{PREFIX}_admission_waiting",
-            "POST requests waiting for a place among max_active_requests (answered 503 after admission_wait_s).",
+            "POST requests waiting for a place among max_active_requests "
+            "(answered 503 after admission_wait_s).",
             registry=registry,
         )
         self._label_counters: dict[str, list[Any]] = {}

@@ -6,7 +6,6 @@ held at a gate, so what ends up in which batch is decided by the test, not by ti
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +16,7 @@ import torch
 from app.batching import DynamicBatcher, QueueFull
 
 from .conftest import HookedPredictors
+from .helpers import metric
 from .images import png_bytes
 
 WAIT = 10.0  # seconds a test waits for something that should happen at once
@@ -257,10 +257,6 @@ def test_two_workers_run_batches_at_the_same_time(make_batcher):
 
 
 # -- through HTTP ------------------------------------------------------------------------------
-
-
-def metric(text: str, name: str) -> float:
-    return float(re.search(rf"^{re.escape(name)} (\S+)$", text, re.M).group(1))
 
 
 def concurrent_posts(client, count: int) -> list:

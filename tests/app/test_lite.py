@@ -18,8 +18,8 @@ from app.service import StartupError, load_model
 from app.settings import Settings
 
 from .conftest import CHECKPOINT_META, distinct_model
+from .helpers import value
 from .images import png_bytes
-from .test_metrics import value
 
 ADMIN = {"Authorization": "Bearer s3cret"}
 

@@ -22,8 +22,8 @@ from app.predictor import (
 from app.preprocess import normalize
 from app.settings import Settings
 
+from .helpers import samples
 from .images import png_bytes
-from .test_metrics import samples
 
 
 @pytest.fixture(scope="module")

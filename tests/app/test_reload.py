@@ -11,27 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.checkpoint import FORMAT, build_model, file_sha256, load_checkpoint, save_checkpoint
+from app.checkpoint import FORMAT, file_sha256
 from app.imaging import read_upload
 from app.model import CLASSES
 from app.service import load_model
 
-from .conftest import CHECKPOINT_META, HookedPredictors
+from .conftest import HookedPredictors
+from .helpers import metric, variant
 from .images import png_bytes
-from .test_batching import metric
 
 TOKEN = "s3cret-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 WAIT = 30.0
-
-
-def variant(weights: Path, path: Path, edit, **meta) -> Path:
-    """A copy of the checkpoint in `weights` with `edit(model)` applied (cheap: no calibration pass)."""
-    model = build_model(load_checkpoint(weights))
-    with torch.no_grad():
-        edit(model)
-    save_checkpoint(path, model, **{**CHECKPOINT_META, **meta})
-    return path
 
 
 @pytest.fixture(scope="module")

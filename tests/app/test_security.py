@@ -10,8 +10,8 @@ import tempfile
 import pytest
 from PIL import Image
 
+from .helpers import metric
 from .images import png_bytes
-from .test_batching import metric
 
 KEY = "k3y-for-predict"
 

@@ -23,8 +23,8 @@ from app import launch
 from app.checkpoint import file_sha256
 
 from .conftest import REPO
+from .helpers import variant
 from .images import png_bytes
-from .test_reload import variant
 
 WAIT = 30.0  # seconds to wait for something that should happen soon
 BOUNDARY = "held-upload-boundary"
