@@ -236,8 +236,12 @@ class DynamicBatcher:
             if self.batching:
                 deadline = self._items[0].queued_at + self.max_wait_s
                 others = len(self._threads) - 1
-                while (len(self._items) < self.max_batch_size and self._arriving and not self._closed
-                       and self._running >= others):
+                while (
+                    len(self._items) < self.max_batch_size
+                    and self._arriving
+                    and not self._closed
+                    and self._running >= others
+                ):
                     remaining = deadline - time.perf_counter()
                     if remaining <= 0:
                         break

@@ -39,8 +39,9 @@ from training.served import ServiceError, local_service, served_labels
 log = logging.getLogger(__name__)
 
 
-def predict_logits(predictor: Predictor, images: torch.Tensor, batch_size: int = 100,
-                   tta: bool = False) -> torch.Tensor:
+def predict_logits(
+    predictor: Predictor, images: torch.Tensor, batch_size: int = 100, tta: bool = False
+) -> torch.Tensor:
     """Logits (N, 10) on the CPU for uint8 images (N, 3, 32, 32) through `predictor`, the service's
     forward pass; `tta` averages with the mirror image."""
     out = []
@@ -100,62 +101,108 @@ def format_per_class(metrics: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", default="weights/final_model.pt",
-                   help="checkpoint to evaluate (ours or a bare FinalModel state_dict)")
-    p.add_argument("--data", default="cifar10",
-                   help="'cifar10' (torchvision download) or an ImageFolder directory / .tar.gz")
+    p = argparse.ArgumentParser(
+        prog="python -m training.evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--weights",
+        default="weights/final_model.pt",
+        help="checkpoint to evaluate (ours or a bare FinalModel state_dict)",
+    )
+    p.add_argument(
+        "--data",
+        default="cifar10",
+        help="'cifar10' (torchvision download) or an ImageFolder directory / .tar.gz",
+    )
     p.add_argument("--cache-dir", default=".cache/data", help="where archives are unpacked and decoded")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="auto: cuda, mps, cpu")
     p.add_argument("--tta", action="store_true", help="also report horizontal-flip test-time augmentation")
-    p.add_argument("--backend", default="pytorch", choices=BACKENDS,
-                   help="what runs the forward pass (a service backend); --check-service serves the same")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                   help="bf16: autocast, pytorch only (changes a few labels; recorded figures are fp32)")
-    p.add_argument("--layout", default="nchw", choices=LAYOUTS,
-                   help="activation layout of the pytorch backend")
-    p.add_argument("--amp", action="store_true",
-                   help="--precision bf16 where the device has native bf16 (CUDA, some CPUs), else fp32")
+    p.add_argument(
+        "--backend",
+        default="pytorch",
+        choices=BACKENDS,
+        help="what runs the forward pass (a service backend); --check-service serves the same",
+    )
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=PRECISIONS,
+        help="bf16: autocast, pytorch only (changes a few labels; recorded figures are fp32)",
+    )
+    p.add_argument(
+        "--layout", default="nchw", choices=LAYOUTS, help="activation layout of the pytorch backend"
+    )
+    p.add_argument(
+        "--amp",
+        action="store_true",
+        help="--precision bf16 where the device has native bf16 (CUDA, some CPUs), else fp32",
+    )
     p.add_argument("--batch-size", type=int, default=100, help="images per forward pass")
     p.add_argument("--limit", type=int, default=0, help="evaluate only this many test images (0: all)")
-    p.add_argument("--out", default=None,
-                   help="folder for evaluation.json and the pictures (default: none written)")
-    p.add_argument("--min-accuracy", type=float, default=None,
-                   help="exit 1 when test accuracy (fraction, e.g. 0.857) is below this")
-    p.add_argument("--max-drop", type=float, default=None,
-                   help="exit 1 when test accuracy is more than this many points (e.g. 0.3) below the "
-                        "test_acc recorded in the checkpoint")
-    p.add_argument("--check-service", action="store_true",
-                   help="also post every test image file to POST /predict of a service on these weights "
-                        "(started on loopback, or --service-url) and compare its labels with this evaluation")
-    p.add_argument("--service-url", default=None,
-                   help="a running service to check instead of starting one, e.g. http://127.0.0.1:8000")
-    p.add_argument("--max-disagree", type=int, default=0,
-                   help="with --check-service: exit 1 when more images than this get another label served")
+    p.add_argument(
+        "--out", default=None, help="folder for evaluation.json and the pictures (default: none written)"
+    )
+    p.add_argument(
+        "--min-accuracy",
+        type=float,
+        default=None,
+        help="exit 1 when test accuracy (fraction, e.g. 0.857) is below this",
+    )
+    p.add_argument(
+        "--max-drop",
+        type=float,
+        default=None,
+        help="exit 1 when test accuracy is more than this many points (e.g. 0.3) below the "
+        "test_acc recorded in the checkpoint",
+    )
+    p.add_argument(
+        "--check-service",
+        action="store_true",
+        help="also post every test image file to POST /predict of a service on these weights "
+        "(started on loopback, or --service-url) and compare its labels with this evaluation",
+    )
+    p.add_argument(
+        "--service-url",
+        default=None,
+        help="a running service to check instead of starting one, e.g. http://127.0.0.1:8000",
+    )
+    p.add_argument(
+        "--max-disagree",
+        type=int,
+        default=0,
+        help="with --check-service: exit 1 when more images than this get another label served",
+    )
     return p
 
 
-def check_service(args, device: torch.device, files: list, logits: torch.Tensor,
-                  labels: torch.Tensor) -> dict:
+def check_service(
+    args, device: torch.device, files: list, logits: torch.Tensor, labels: torch.Tensor
+) -> dict:
     """Served labels against `logits`' argmax for the same files; prints a summary and disagreements."""
     started = time.perf_counter()
     service: AbstractContextManager[str]
     if args.service_url:
         service = nullcontext(args.service_url)
     else:
-        service = local_service(args.weights, device.type, backend=args.backend, precision=args.precision,
-                                layout=args.layout)
+        service = local_service(
+            args.weights, device.type, backend=args.backend, precision=args.precision, layout=args.layout
+        )
     with service as url:
         served = torch.tensor(served_labels(url, [path for path, _ in files]))
     evaluated = logits.argmax(1)
     differ = (served != evaluated).nonzero().flatten().tolist()
     served_acc = (served == labels).float().mean().item()
-    print(f"served labels: {len(files) - len(differ):,} of {len(files):,} agree with this evaluation; "
-          f"served accuracy {100 * served_acc:.2f}% ({time.perf_counter() - started:.1f}s)")
+    print(
+        f"served labels: {len(files) - len(differ):,} of {len(files):,} agree with this evaluation; "
+        f"served accuracy {100 * served_acc:.2f}% ({time.perf_counter() - started:.1f}s)"
+    )
     for i in differ[:10]:
-        print(f"  {files[i][0].name} ({CLASSES[labels[i]]}): served {CLASSES[served[i]]}, "
-              f"evaluated {CLASSES[evaluated[i]]}")
+        print(
+            f"  {files[i][0].name} ({CLASSES[labels[i]]}): served {CLASSES[served[i]]}, "
+            f"evaluated {CLASSES[evaluated[i]]}"
+        )
     return {"images": len(files), "disagree": len(differ), "served_accuracy": served_acc}
 
 
@@ -181,8 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         args.precision = "bf16"
     reference = (args.backend, args.precision, args.layout) == ("pytorch", "fp32", "nchw")
     try:
-        predictor = build_predictor(model, device, args.backend, args.precision, args.layout,
-                                    threads=torch.get_num_threads())
+        predictor = build_predictor(
+            model, device, args.backend, args.precision, args.layout, threads=torch.get_num_threads()
+        )
     except PredictorError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -190,33 +238,47 @@ def main(argv: list[str] | None = None) -> int:
     test = data.test.subset(index)
     if files is not None:
         if [label for _, label in files] != data.test.labels.tolist():
-            print("error: --check-service: the test files do not match the decoded test split",
-                  file=sys.stderr)
+            print(
+                "error: --check-service: the test files do not match the decoded test split", file=sys.stderr
+            )
             return 2
         files = [files[i] for i in index.tolist()]
     started = time.perf_counter()
     logits = predict_logits(predictor, test.images, args.batch_size)
     info = predictor.info
-    result = {"weights": args.weights, "sha256": ckpt.sha256, "data": args.data,
-              "data_fingerprint": data.fingerprint, "device": str(device),
-              "inference": {"backend": info.backend, "precision": info.precision, "layout": info.layout,
-                            "threads": info.threads},
-              "test": summarize(logits, test.labels)}
+    result = {
+        "weights": args.weights,
+        "sha256": ckpt.sha256,
+        "data": args.data,
+        "data_fingerprint": data.fingerprint,
+        "device": str(device),
+        "inference": {
+            "backend": info.backend,
+            "precision": info.precision,
+            "layout": info.layout,
+            "threads": info.threads,
+        },
+        "test": summarize(logits, test.labels),
+    }
     if args.tta:
         tta_logits = predict_logits(predictor, test.images, args.batch_size, tta=True)
         result["test_tta"] = summarize(tta_logits, test.labels)
     seconds = time.perf_counter() - started
 
     acc = result["test"]["accuracy"]
-    print(f"test accuracy: {100 * acc:.2f}% on {len(test):,} images ({args.data}), "
-          f"{seconds:.1f}s on {info.describe()}")
+    print(
+        f"test accuracy: {100 * acc:.2f}% on {len(test):,} images ({args.data}), "
+        f"{seconds:.1f}s on {info.describe()}"
+    )
     if not reference:
         fp32 = predict(model, test.images, device, args.batch_size)  # PyTorch fp32 NCHW
         differ = int((fp32.argmax(1) != logits.argmax(1)).sum())
         fp32_acc = summarize(fp32, test.labels)["accuracy"]
         result["pytorch_fp32"] = {"accuracy": fp32_acc, "labels_differ": differ}
-        print(f"labels that differ from PyTorch fp32 NCHW: {differ:,} of {len(test):,} "
-              f"(its accuracy {100 * fp32_acc:.2f}%)")
+        print(
+            f"labels that differ from PyTorch fp32 NCHW: {differ:,} of {len(test):,} "
+            f"(its accuracy {100 * fp32_acc:.2f}%)"
+        )
     if args.tta:
         print(f"test accuracy with flip TTA: {100 * result['test_tta']['accuracy']:.2f}%")
     print(format_per_class(result["test"]))
@@ -236,20 +298,28 @@ def main(argv: list[str] | None = None) -> int:
         (Path(args.out) / "evaluation.json").write_text(json.dumps(result, indent=2))
         print(f"wrote {Path(args.out) / 'evaluation.json'}, confusion_matrix.png, misclassified.png")
     if files is not None and result["service"]["disagree"] > args.max_disagree:
-        print(f"error: {result['service']['disagree']} served labels differ from this evaluation "
-              f"(at most {args.max_disagree} allowed)", file=sys.stderr)
+        print(
+            f"error: {result['service']['disagree']} served labels differ from this evaluation "
+            f"(at most {args.max_disagree} allowed)",
+            file=sys.stderr,
+        )
         return 1
     if args.max_drop is not None:
         if recorded is None:
             print("error: --max-drop needs a checkpoint with a recorded test_acc", file=sys.stderr)
             return 1
         if 100 * (recorded - acc) > args.max_drop:
-            print(f"error: accuracy {100 * acc:.2f}% is more than {args.max_drop} points below the recorded "
-                  f"{100 * recorded:.2f}%", file=sys.stderr)
+            print(
+                f"error: accuracy {100 * acc:.2f}% is more than {args.max_drop} points below the recorded "
+                f"{100 * recorded:.2f}%",
+                file=sys.stderr,
+            )
             return 1
     if args.min_accuracy is not None and acc < args.min_accuracy:
-        print(f"error: accuracy {100 * acc:.2f}% is below the required {100 * args.min_accuracy:.2f}%",
-              file=sys.stderr)
+        print(
+            f"error: accuracy {100 * acc:.2f}% is below the required {100 * args.min_accuracy:.2f}%",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -43,16 +43,24 @@ def plot_confusion(confusion: torch.Tensor, path: Path, title: str = "Confusion 
     for i in range(len(CLASSES)):
         for j in range(len(CLASSES)):
             value = rates[i, j].item()
-            ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=8,
-                    color="white" if value > 50 else "black")
+            ax.text(
+                j,
+                i,
+                f"{value:.0f}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if value > 50 else "black",
+            )
     fig.colorbar(im, ax=ax, fraction=0.046, label="% of true class")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def plot_misclassified(images: torch.Tensor, true: torch.Tensor, pred: torch.Tensor, path: Path,
-                       count: int = 25) -> None:
+def plot_misclassified(
+    images: torch.Tensor, true: torch.Tensor, pred: torch.Tensor, path: Path, count: int = 25
+) -> None:
     """A grid of misclassified uint8 (N, 3, 32, 32) images labelled predicted / true."""
     wrong = (pred != true).nonzero().flatten()
     # A seeded sample, not the first few: the test split is sorted by class.

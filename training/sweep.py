@@ -32,7 +32,7 @@ log = logging.getLogger("training.sweep")
 
 
 def recipe_flags(recipe: str) -> list[str]:
-    """"dropout=0,cutout=0" -> ["--dropout", "0", "--cutout", "0"]."""
+    """ "dropout=0,cutout=0" -> ["--dropout", "0", "--cutout", "0"]."""
     flags = []
     for pair in filter(None, recipe.split(",")):
         key, sep, value = pair.partition("=")
@@ -43,7 +43,7 @@ def recipe_flags(recipe: str) -> list[str]:
 
 
 def recipe_name(recipe: str) -> str:
-    """"cutout=4,lr=0.3" -> "cutout4_lr0p3"; a path value counts by its file's stem
+    """ "cutout=4,lr=0.3" -> "cutout4_lr0p3"; a path value counts by its file's stem
     ("teacher=runs/t/teacher.pt,ema=0.999" -> "teacher-teacher_ema0p999")."""
     parts = []
     for pair in filter(None, recipe.split(",")):
@@ -55,15 +55,33 @@ def recipe_name(recipe: str) -> str:
     return "_".join(parts) or "defaults"
 
 
-def launch(recipes: list[str], common: list[str], out: Path, epochs: int, threads: int,
-           deadline: float, prefix: str = "") -> dict[str, int]:
+def launch(
+    recipes: list[str],
+    common: list[str],
+    out: Path,
+    epochs: int,
+    threads: int,
+    deadline: float,
+    prefix: str = "",
+) -> dict[str, int]:
     """Run each recipe as its own training process; SIGTERM whatever runs past `deadline`."""
     procs = {}
     for recipe in recipes:
         name = prefix + recipe_name(recipe)
         (out / name).mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "training", *common, *recipe_flags(recipe),
-               "--epochs", str(epochs), "--threads", str(threads), "--out", str(out / name)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "training",
+            *common,
+            *recipe_flags(recipe),
+            "--epochs",
+            str(epochs),
+            "--threads",
+            str(threads),
+            "--out",
+            str(out / name),
+        ]
         log.info("start %s: %s", name, " ".join(cmd[1:]))
         with open(out / name / "train.log", "w") as log_file:  # the child keeps its own copy
             procs[name] = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
@@ -81,8 +99,9 @@ def launch(recipes: list[str], common: list[str], out: Path, epochs: int, thread
     return {name: p.returncode for name, p in procs.items()}
 
 
-def plan(seconds_per_epoch: float, probed: int, left: float, min_epochs: int,
-         max_epochs: int) -> tuple[int, int]:
+def plan(
+    seconds_per_epoch: float, probed: int, left: float, min_epochs: int, max_epochs: int
+) -> tuple[int, int]:
     """(runs, epochs) for the time left, given an epoch's time with `probed` runs sharing the
     device. Fewer runs are assumed to speed up in proportion (the worst case, a full card)."""
     runs = probed
@@ -103,13 +122,22 @@ def summarize(out: Path, names: list[str]) -> list[dict]:
         meta = load_checkpoint(path).meta
         m = meta.get("metrics", {})
         cfg = meta.get("config", {})
-        rows.append({"name": name, "finished": bool(meta.get("complete")) and "test_acc" in m,
-                     "teacher_sha256": meta.get("teacher", {}).get("sha256"),
-                     **{k: cfg.get(k) for k in ("kd_weight", "kd_temperature", "ema", "mixup")},
-                     "epochs": meta.get("epoch"), "best_epoch": m.get("best_epoch"),
-                     "train_acc": m.get("train_acc"), "val_acc": m.get("val_acc"),
-                     "test_acc": m.get("test_acc"), "test_acc_tta": m.get("test_acc_tta"),
-                     "duration_s": meta.get("duration_s"), "device": meta.get("device")})
+        rows.append(
+            {
+                "name": name,
+                "finished": bool(meta.get("complete")) and "test_acc" in m,
+                "teacher_sha256": meta.get("teacher", {}).get("sha256"),
+                **{k: cfg.get(k) for k in ("kd_weight", "kd_temperature", "ema", "mixup")},
+                "epochs": meta.get("epoch"),
+                "best_epoch": m.get("best_epoch"),
+                "train_acc": m.get("train_acc"),
+                "val_acc": m.get("val_acc"),
+                "test_acc": m.get("test_acc"),
+                "test_acc_tta": m.get("test_acc_tta"),
+                "duration_s": meta.get("duration_s"),
+                "device": meta.get("device"),
+            }
+        )
     return sorted(rows, key=lambda r: -(r.get("val_acc") or 0.0))
 
 
@@ -118,17 +146,28 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     split = argv.index("--") if "--" in argv else len(argv)
     own, common = argv[:split], argv[split + 1 :]  # the sweep's flags -- every run's flags
-    parser = argparse.ArgumentParser(prog="python -m training.sweep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m training.sweep",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", default="runs/sweep")
     parser.add_argument("--budget", type=float, required=True, help="seconds for the whole sweep")
-    parser.add_argument("--recipe", action="append", required=True,
-                        help="key=value,... training flags of one run, in order of preference")
+    parser.add_argument(
+        "--recipe",
+        action="append",
+        required=True,
+        help="key=value,... training flags of one run, in order of preference",
+    )
     parser.add_argument("--probe-epochs", type=int, default=2)
     parser.add_argument("--min-epochs", type=int, default=60)
     parser.add_argument("--max-epochs", type=int, default=200)
-    parser.add_argument("--margin", type=float, default=45.0,
-                        help="seconds kept back for start-up, the test evaluation and the pictures")
+    parser.add_argument(
+        "--margin",
+        type=float,
+        default=45.0,
+        help="seconds kept back for start-up, the test evaluation and the pictures",
+    )
     args = parser.parse_args(own)
     started = time.time()
     deadline = started + args.budget
@@ -141,8 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     # Decode the data once, so that the concurrent runs all find it in the cache.
-    subprocess.run([sys.executable, "-m", "training", *common, "--dry-run", "--out",
-                    str(out / "warmup")], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "training", *common, "--dry-run", "--out", str(out / "warmup")],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     cores = available_cpus()  # the cores this process may run on (its CPU affinity)
     recipes = args.recipe
     threads = max(1, cores // len(recipes))
@@ -152,23 +194,38 @@ def main(argv: list[str] | None = None) -> int:
         log.error("a probe run failed (%s); see its train.log", codes)
         return 1
     # The last probe epoch's wall time: warmed up, with validation and checkpoint writes.
-    per_epoch = max(json.loads((out / f"probe-{recipe_name(r)}" / "history.json").read_text())[-1]["wall_s"]
-                    for r in recipes)
+    per_epoch = max(
+        json.loads((out / f"probe-{recipe_name(r)}" / "history.json").read_text())[-1]["wall_s"]
+        for r in recipes
+    )
     probe_wall = time.time() - probe_start
     overhead = max(0.0, probe_wall - per_epoch * args.probe_epochs)  # start-up, evaluation, pictures
     per_epoch *= 1.1  # runs sharing a device do not keep an even pace
     left = deadline - time.time() - max(args.margin, overhead)
     n, epochs = plan(per_epoch, len(recipes), left, args.min_epochs, args.max_epochs)
-    log.info("probe: %.2f s/epoch with %d runs sharing the device, %.0f s of start-up and finish; "
-             "%.0f s left: %d run(s) of %d epochs", per_epoch, len(recipes), overhead, left, n, epochs)
+    log.info(
+        "probe: %.2f s/epoch with %d runs sharing the device, %.0f s of start-up and finish; "
+        "%.0f s left: %d run(s) of %d epochs",
+        per_epoch,
+        len(recipes),
+        overhead,
+        left,
+        n,
+        epochs,
+    )
     if epochs < 1:
         log.error("no full epoch fits in the budget left; give the sweep a larger --budget")
         return 1
     recipes = recipes[:n]
     codes = launch(recipes, common, out, epochs, max(1, cores // n), deadline)
     rows = summarize(out, [recipe_name(r) for r in recipes])
-    summary = {"epochs": epochs, "seconds_per_epoch_probed": per_epoch, "return_codes": codes,
-               "wall_s": round(time.time() - started, 1), "runs": rows}
+    summary = {
+        "epochs": epochs,
+        "seconds_per_epoch_probed": per_epoch,
+        "return_codes": codes,
+        "wall_s": round(time.time() - started, 1),
+        "runs": rows,
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     for r in rows:
         log.info("%s", json.dumps(r))

@@ -23,8 +23,12 @@ def test_translate_shifts_each_image_within_the_pad():
     shifts = set()
     for i in range(len(x)):
         # the 24x24 centre of the output is a shifted window of the input
-        found = [(dy, dx) for dy in range(-4, 5) for dx in range(-4, 5)
-                 if torch.equal(y[i, :, 4:28, 4:28], x[i, :, 4 + dy:28 + dy, 4 + dx:28 + dx])]
+        found = [
+            (dy, dx)
+            for dy in range(-4, 5)
+            for dx in range(-4, 5)
+            if torch.equal(y[i, :, 4:28, 4:28], x[i, :, 4 + dy : 28 + dy, 4 + dx : 28 + dx])
+        ]
         assert len(found) == 1
         shifts.add(found[0])
     assert len(shifts) > 5  # per-image, not one shift for the whole batch

@@ -24,14 +24,20 @@ TINY_TEACHER = [*TINY, "--widths", "8,16,16,16", "--lr", "0.05"]
 
 
 def run_module(module: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def interrupt_after_first_epoch(module: str, args: list[str], out, sig: int) -> tuple[int, str]:
     """Start `python -m module args`, send `sig` once it has written out/history.json; (exit code, stderr)."""
-    proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 180
     while not (out / "history.json").exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -45,8 +51,19 @@ def interrupt_after_first_epoch(module: str, args: list[str], out, sig: int) -> 
 def teacher(tiny_data, tmp_path_factory):
     """A tiny teacher trained for two epochs on the tiny data's training split."""
     tmp = tmp_path_factory.mktemp("teacher")
-    proc = run_module("training.teacher", "--data", str(tiny_data), "--cache-dir", str(tmp / "cache"),
-                      "--out", str(tmp / "run"), "--epochs", "2", "--test", *TINY_TEACHER)
+    proc = run_module(
+        "training.teacher",
+        "--data",
+        str(tiny_data),
+        "--cache-dir",
+        str(tmp / "cache"),
+        "--out",
+        str(tmp / "run"),
+        "--epochs",
+        "2",
+        "--test",
+        *TINY_TEACHER,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return tmp / "run" / "teacher.pt"
 
@@ -71,9 +88,30 @@ def test_default_teacher_is_about_two_million_parameters():
 @pytest.mark.slow
 def test_distilled_run_records_teacher_ema_and_mixup(teacher, tiny_data, tmp_path):
     out = tmp_path / "student"
-    proc = run_module("training", "--data", str(tiny_data), "--cache-dir", str(tmp_path / "cache"),
-                      "--out", str(out), "--epochs", "2", *TINY, "--lr", "0.05", "--teacher", str(teacher),
-                      "--kd-weight", "0.7", "--kd-temperature", "3", "--ema", "0.9", "--mixup", "0.2")
+    proc = run_module(
+        "training",
+        "--data",
+        str(tiny_data),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        *TINY,
+        "--lr",
+        "0.05",
+        "--teacher",
+        str(teacher),
+        "--kd-weight",
+        "0.7",
+        "--kd-temperature",
+        "3",
+        "--ema",
+        "0.9",
+        "--mixup",
+        "0.2",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "distilling from" in proc.stderr
     meta = load_checkpoint(out / "final_model.pt").meta
@@ -82,22 +120,52 @@ def test_distilled_run_records_teacher_ema_and_mixup(teacher, tiny_data, tmp_pat
     assert meta["teacher"]["val_acc"] == teacher_meta["metrics"]["val_acc"]
     cfg = meta["config"]
     assert (cfg["teacher"], cfg["kd_weight"], cfg["kd_temperature"], cfg["ema"], cfg["mixup"]) == (
-        str(teacher), 0.7, 3.0, 0.9, 0.2)
+        str(teacher),
+        0.7,
+        3.0,
+        0.9,
+        0.2,
+    )
     history = json.loads((out / "history.json").read_text())
     assert all("val_acc_raw" in h for h in history)  # the average and the raw weights, both validated
 
 
 @pytest.mark.slow
 def test_a_teacher_that_saw_the_validation_images_is_refused(teacher, tiny_data, tmp_path, train_main):
-    code, stderr = train_main("--data", tiny_data, "--cache-dir", tmp_path / "cache", "--out", tmp_path / "s",
-                              "--epochs", "2", "--val-size", "30", "--batch-size", "20", "--teacher", teacher)
+    code, stderr = train_main(
+        "--data",
+        tiny_data,
+        "--cache-dir",
+        tmp_path / "cache",
+        "--out",
+        tmp_path / "s",
+        "--epochs",
+        "2",
+        "--val-size",
+        "30",
+        "--batch-size",
+        "20",
+        "--teacher",
+        teacher,
+    )
     assert code == 2
     assert stderr.strip().splitlines()[-1].startswith(f"error: --teacher: {teacher} used --val-size 20")
 
 
 def test_a_file_that_is_not_a_teacher_is_refused(tiny_data, tmp_path, checkpoint_path, train_main):
-    code, stderr = train_main("--data", tiny_data, "--cache-dir", tmp_path / "cache", "--out", tmp_path / "s",
-                              "--epochs", "2", *TINY, "--teacher", checkpoint_path)
+    code, stderr = train_main(
+        "--data",
+        tiny_data,
+        "--cache-dir",
+        tmp_path / "cache",
+        "--out",
+        tmp_path / "s",
+        "--epochs",
+        "2",
+        *TINY,
+        "--teacher",
+        checkpoint_path,
+    )
     assert code == 2
     assert "is not a checkpoint written by python -m training.teacher" in stderr
 
@@ -105,8 +173,23 @@ def test_a_file_that_is_not_a_teacher_is_refused(tiny_data, tmp_path, checkpoint
 @pytest.mark.slow
 def test_killed_distilled_run_resumes_only_with_the_same_teacher(teacher, tiny_data, tmp_path, train_main):
     out = tmp_path / "run"
-    args = ["--data", str(tiny_data), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
-            "--epochs", "6", *TINY, "--lr", "0.05", "--teacher", str(teacher), "--ema", "0.9"]
+    args = [
+        "--data",
+        str(tiny_data),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(out),
+        "--epochs",
+        "6",
+        *TINY,
+        "--lr",
+        "0.05",
+        "--teacher",
+        str(teacher),
+        "--ema",
+        "0.9",
+    ]
     code, _ = interrupt_after_first_epoch("training", args, out, signal.SIGTERM)
     assert code == 130
     state = torch.load(out / "last.pt", weights_only=True)
@@ -127,8 +210,17 @@ def test_killed_distilled_run_resumes_only_with_the_same_teacher(teacher, tiny_d
 @pytest.mark.slow
 def test_killed_teacher_resumes_where_it_stopped(tiny_data, tmp_path, capsys):
     out = tmp_path / "teacher"
-    args = ["--data", str(tiny_data), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
-            "--epochs", "6", *TINY_TEACHER]
+    args = [
+        "--data",
+        str(tiny_data),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(out),
+        "--epochs",
+        "6",
+        *TINY_TEACHER,
+    ]
     code, stderr = interrupt_after_first_epoch("training.teacher", args, out, signal.SIGINT)
     assert code == 130 and "continue with --resume" in stderr
     before = json.loads((out / "history.json").read_text())

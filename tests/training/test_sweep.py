@@ -24,13 +24,16 @@ def test_recipe_flags_and_names():
             recipe_flags(bad)
 
 
-@pytest.mark.parametrize(("seconds", "left", "expected"), [
-    (2.0, 400.0, (4, 200)),  # everything fits: all runs, capped at max_epochs
-    (2.0, 1000.0, (4, 200)),
-    (4.0, 300.0, (3, 100)),  # 4 runs would get 75 < 80 epochs: drop one, the rest speed up
-    (10.0, 300.0, (1, 120)),  # even one run falls short: it gets what fits
-    (4.0, 0.5, (1, 0)),
-])
+@pytest.mark.parametrize(
+    ("seconds", "left", "expected"),
+    [
+        (2.0, 400.0, (4, 200)),  # everything fits: all runs, capped at max_epochs
+        (2.0, 1000.0, (4, 200)),
+        (4.0, 300.0, (3, 100)),  # 4 runs would get 75 < 80 epochs: drop one, the rest speed up
+        (10.0, 300.0, (1, 120)),  # even one run falls short: it gets what fits
+        (4.0, 0.5, (1, 0)),
+    ],
+)
 def test_plan_trades_runs_for_epochs(seconds, left, expected):
     assert plan(seconds, 4, left, min_epochs=80, max_epochs=200) == expected
 
@@ -39,12 +42,43 @@ def test_plan_trades_runs_for_epochs(seconds, left, expected):
 def test_sweep_trains_each_recipe_and_ranks_by_validation(tiny_data, tmp_path):
     out = tmp_path / "sweep"
     proc = subprocess.run(
-        [sys.executable, "-m", "training.sweep", "--out", str(out), "--budget", "400",
-         "--probe-epochs", "1", "--min-epochs", "1", "--max-epochs", "2",
-         "--recipe", "dropout=0", "--recipe", "dropout=0,cutout=0",
-         "--", "--data", str(tiny_data), "--cache-dir", str(tmp_path / "cache"),
-         "--val-size", "20", "--batch-size", "20", "--lr", "0.05", "--device", "cpu"],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "training.sweep",
+            "--out",
+            str(out),
+            "--budget",
+            "400",
+            "--probe-epochs",
+            "1",
+            "--min-epochs",
+            "1",
+            "--max-epochs",
+            "2",
+            "--recipe",
+            "dropout=0",
+            "--recipe",
+            "dropout=0,cutout=0",
+            "--",
+            "--data",
+            str(tiny_data),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--val-size",
+            "20",
+            "--batch-size",
+            "20",
+            "--lr",
+            "0.05",
+            "--device",
+            "cpu",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     runs = summary["runs"]
@@ -58,7 +92,21 @@ def test_sweep_trains_each_recipe_and_ranks_by_validation(tiny_data, tmp_path):
 
 def test_sweep_refuses_a_malformed_recipe_before_training(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "training.sweep", "--out", str(tmp_path / "s"), "--budget", "10",
-         "--recipe", "dropout"], cwd=REPO, capture_output=True, text=True, timeout=60)
+        [
+            sys.executable,
+            "-m",
+            "training.sweep",
+            "--out",
+            str(tmp_path / "s"),
+            "--budget",
+            "10",
+            "--recipe",
+            "dropout",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "not key=value" in proc.stderr
     assert not (tmp_path / "s" / "warmup").exists()
