@@ -76,6 +76,9 @@ async def reload(
         previous, loaded = await asyncio.to_thread(service.reload, body_path or path or None, model)
     except CheckpointError as exc:
         raise ApiError(422, "invalid_weights", f"{exc}; the old weights keep serving") from None
+    except OSError as exc:  # a path the system refuses: a name too long, a directory... (found by fuzzing)
+        detail = f"cannot read the weights file: {exc.strerror or exc}; the old weights keep serving"
+        raise ApiError(422, "invalid_weights", detail) from None
     return ReloadResult(
         model=loaded.name,
         sha256=loaded.sha256,

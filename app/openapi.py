@@ -5,6 +5,10 @@ FastAPI writes OpenAPI 3.1: a file upload is `{"type": "string", "contentMediaTy
 parameter is `anyOf: [integer, null]`, shown as `integer | (integer | null)`. Here uploads also
 carry `format: binary` (Swagger UI then offers a file chooser, several for an array) and
 optional query parameters lose the `null` branch (leaving them out is how a client says "none").
+
+The schema also describes this deployment, as schemathesis checks it (tests/app/test_fuzz_api.py):
+the upload array holds at most CIFAR10_MAX_FILES files, `model` is one of the models served, and
+/admin/reload is listed only when CIFAR10_ADMIN_TOKEN is set (without it, no request can succeed).
 """
 
 from __future__ import annotations
@@ -13,16 +17,28 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from app.admin import admin_router
 
-def _mark_uploads(schema: Any) -> None:
+
+def _is_upload(schema: Any) -> bool:
+    return (
+        isinstance(schema, dict)
+        and schema.get("type") == "string"
+        and schema.get("contentMediaType") == "application/octet-stream"
+    )
+
+
+def _mark_uploads(schema: Any, max_files: int) -> None:
     if isinstance(schema, dict):
-        if schema.get("type") == "string" and schema.get("contentMediaType") == "application/octet-stream":
+        if _is_upload(schema):
             schema["format"] = "binary"
+        if schema.get("type") == "array" and _is_upload(schema.get("items")):
+            schema["maxItems"] = max_files
         for value in schema.values():
-            _mark_uploads(value)
+            _mark_uploads(value, max_files)
     elif isinstance(schema, list):
         for value in schema:
-            _mark_uploads(value)
+            _mark_uploads(value, max_files)
 
 
 def _drop_null(parameter: dict[str, Any]) -> None:
@@ -35,18 +51,30 @@ def _drop_null(parameter: dict[str, Any]) -> None:
             schema.update(rest[0])
 
 
+def _served_models(parameter: dict[str, Any], names: list[str]) -> None:
+    if parameter.get("in") == "query" and parameter.get("name") == "model":
+        parameter["schema"]["enum"] = names
+        parameter["schema"]["examples"] = names
+
+
 def install(app: FastAPI) -> None:
-    """Wrap `app.openapi` so that the schema it caches is the one the docs can use."""
+    """Wrap `app.openapi` so that the schema it caches is the one the docs can use and the one this
+    app serves (read when first asked for, from `app.state.settings` and `app.state.service`)."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
+            settings, service = app.state.settings, app.state.service
             schema = generate()
-            _mark_uploads(schema.get("components", {}).get("schemas", {}))
+            _mark_uploads(schema.get("components", {}).get("schemas", {}), settings.max_files)
+            if settings.admin_token is None:
+                for route in admin_router.routes:
+                    schema.get("paths", {}).pop(getattr(route, "path", ""), None)
             for operations in schema.get("paths", {}).values():
                 for operation in operations.values():
                     for parameter in operation.get("parameters", []):
                         _drop_null(parameter)
+                        _served_models(parameter, service.model_names)
             app.openapi_schema = schema
         return app.openapi_schema
 
