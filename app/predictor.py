@@ -146,7 +146,7 @@ def export_onnx(model: torch.nn.Module) -> bytes:
         torch.onnx.export(
             wrapper,
             (example,),
-            buffer,
+            buffer,  # type: ignore[arg-type]  # a file object works too: the exporter writes to it
             dynamo=False,
             input_names=["images"],
             output_names=["logits"],

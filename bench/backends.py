@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     baseline = order[0]
 
     # rates[name][batch]: images/s per round
-    rates = {name: {b: [] for b in BATCHES} for name in order}
+    rates: dict[str, dict[int, list[float]]] = {name: {b: [] for b in BATCHES} for name in order}
     for r in range(args.rounds):
         for name in order[r % len(order) :] + order[: r % len(order)]:
             for b in BATCHES:
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                 rates[name][b].append(rate)
         torch.set_num_threads(1)
 
-    counted = {}
+    counted: dict[str, int] = {}
     if args.labels:
         from app.predictor import TorchPredictor
 

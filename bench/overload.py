@@ -139,6 +139,7 @@ class Exchange(asyncio.Protocol):
         self.transport = transport
 
     def ask(self, request: bytes) -> asyncio.Future:
+        assert self.transport is not None  # asked only once connected
         self.waiter = asyncio.get_running_loop().create_future()
         self.transport.write(request)
         return self.waiter
@@ -159,7 +160,7 @@ class Exchange(asyncio.Protocol):
         retry = RETRY_AFTER.search(head)
         code = CODE.search(body) if status != 200 else None
         reason = code[1].decode() if code else str(status)
-        if CLOSE.search(head):
+        if CLOSE.search(head) and self.transport is not None:
             self.transport.close()
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result((status, int(retry[1]) if retry else 0, reason))
@@ -187,7 +188,8 @@ async def client(k: int, port: int, requests: list[bytes], phase: Phase, timeout
         except TimeoutError:
             if counted:
                 phase.timeouts += 1
-            conn.transport.close()
+            if conn is not None and conn.transport is not None:
+                conn.transport.close()
             conn = None
             continue
         except (ConnectionError, OSError):

@@ -149,7 +149,9 @@ def read_test_jpegs(source: Path, count: int) -> list[bytes]:
             for member in tar:
                 name = member.name
                 if member.isfile() and "test/" in name and name.lower().endswith((".jpg", ".jpeg")):
-                    found.append((name, tar.extractfile(member).read()))
+                    file = tar.extractfile(member)
+                    assert file is not None  # a regular file
+                    found.append((name, file.read()))
     else:
         raise SystemExit(f"error: {source} is neither a folder nor a tar archive")
     if not found:
@@ -274,9 +276,11 @@ def start_server(
 def batch_stats(base: str) -> tuple[float, float]:
     """(sum, count) of the server's batch-size histogram."""
     text = httpx.get(f"{base}/metrics", timeout=10).text
-    total = float(re.search(r"^cifar10_batch_size_sum (\S+)$", text, re.M).group(1))
-    count = float(re.search(r"^cifar10_batch_size_count (\S+)$", text, re.M).group(1))
-    return total, count
+    total = re.search(r"^cifar10_batch_size_sum (\S+)$", text, re.M)
+    count = re.search(r"^cifar10_batch_size_count (\S+)$", text, re.M)
+    if total is None or count is None:
+        raise RuntimeError(f"{base}/metrics has no cifar10_batch_size histogram")
+    return float(total.group(1)), float(count.group(1))
 
 
 @dataclass
@@ -300,19 +304,20 @@ class RawConnection:
     async def post(self, request: bytes) -> int:
         """The response's status code, or 0 when the connection failed."""
         try:
-            if self.writer is None:
+            if self.reader is None or self.writer is None:
                 self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-            self.writer.write(request)
-            status = int((await self.reader.readline()).split(b" ", 2)[1])
+            reader, writer = self.reader, self.writer
+            writer.write(request)
+            status = int((await reader.readline()).split(b" ", 2)[1])
             length, close = 0, False
-            while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            while (line := await reader.readline()) not in (b"\r\n", b""):
                 name, _, value = line.partition(b":")
                 name = name.strip().lower()
                 if name == b"content-length":
                     length = int(value)
                 elif name == b"connection" and value.strip().lower() == b"close":
                     close = True
-            await self.reader.readexactly(length)
+            await reader.readexactly(length)
         except (OSError, ValueError, IndexError, asyncio.IncompleteReadError):
             self.close()
             return 0
@@ -341,7 +346,9 @@ async def drive(
     latencies: list[float] = []
     errors = 0
     url = httpx.URL(base)
-    raw_requests = [raw_request(b, url.host, url.port) for b in bodies]
+    assert url.port is not None  # the servers here listen on an explicit port
+    port: int = url.port
+    raw_requests = [raw_request(b, url.host, port) for b in bodies]
     headers = {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     loop = asyncio.get_running_loop()
@@ -361,7 +368,7 @@ async def drive(
 
         async def poster(k: int) -> None:
             nonlocal errors
-            raw = RawConnection(url.host, url.port)
+            raw = RawConnection(url.host, port)
             i = k
             while (start := loop.time()) < stop_at:
                 status = await post(i % len(bodies), raw)

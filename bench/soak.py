@@ -165,19 +165,20 @@ class Connection:
 
     async def post(self, request: bytes) -> tuple[int, bytes]:
         try:
-            if self.writer is None:
+            if self.reader is None or self.writer is None:
                 self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
-            self.writer.write(request)
-            status = int((await self.reader.readline()).split(b" ", 2)[1])
+            reader, writer = self.reader, self.writer
+            writer.write(request)
+            status = int((await reader.readline()).split(b" ", 2)[1])
             length, close = 0, False
-            while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            while (line := await reader.readline()) not in (b"\r\n", b""):
                 name, _, value = line.partition(b":")
                 name = name.strip().lower()
                 if name == b"content-length":
                     length = int(value)
                 elif name == b"connection" and value.strip().lower() == b"close":
                     close = True
-            body = await self.reader.readexactly(length)
+            body = await reader.readexactly(length)
         except (OSError, ValueError, IndexError, asyncio.IncompleteReadError):
             self.close()
             return 0, b""

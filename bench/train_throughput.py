@@ -22,6 +22,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -85,7 +86,7 @@ def full_rate(
     """images/s of train_one_epoch over `steps` batches (after a 2-batch warm-up, which is also
     when torch.compile compiles), all ranks together."""
     model, opt = make_model(dropout, channels_last)
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    net: Any = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     if compile:
         net = torch.compile(net)
     cfg = TrainConfig(batch_size=batch, epochs=1, dropout=dropout)

@@ -20,6 +20,8 @@ from app.preprocess import load_image, normalize
 
 from ..live import REPO, SHIPPED, free_port, live_service
 
+pytestmark = pytest.mark.slow  # a real server or subprocess: .ci/run runs these (pytest -m slow)
+
 SAMPLES = sorted((REPO / "samples").glob("*.jpg"))
 
 

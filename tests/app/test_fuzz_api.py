@@ -23,6 +23,8 @@ from app.main import create_app
 
 from .images import blobs, encode, jpeg_bytes, png_bytes
 
+pytestmark = pytest.mark.slow  # about 70 s of generated requests: .ci/run runs it (pytest -m slow)
+
 MAX_EXAMPLES = 50  # per operation and generation mode (valid and invalid data)
 MAX_FILES = 4  # the app's limit here, so that generated bodies reach it
 API_KEY = "fuzz-key"

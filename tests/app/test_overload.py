@@ -17,6 +17,8 @@ import pytest
 from ..live import live_service
 from .images import jpeg_bytes
 
+pytestmark = pytest.mark.slow  # a real server or subprocess: .ci/run runs these (pytest -m slow)
+
 HEADER_S, BODY_S, WAIT_S, MAX_CONNECTIONS = 1.0, 1.5, 0.5, 40
 SLACK_S = 1.5  # a busy two-core machine answers late; the limits are what is checked
 BOUNDARY = "overload-test"

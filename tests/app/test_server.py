@@ -10,6 +10,8 @@ from app import launch
 from .conftest import REPO
 from .images import jpeg_bytes
 
+pytestmark = pytest.mark.slow  # a real server or subprocess: .ci/run runs these (pytest -m slow)
+
 
 def test_uvicorn_serves_the_app_configured_from_the_environment(weights):
     env = {"CIFAR10_WEIGHTS": str(weights), "CIFAR10_DEVICE": "cpu", "CIFAR10_TOP_K": "2"}

@@ -26,6 +26,8 @@ from .conftest import REPO
 from .helpers import variant
 from .images import png_bytes
 
+pytestmark = pytest.mark.slow  # a real server or subprocess: .ci/run runs these (pytest -m slow)
+
 WAIT = 30.0  # seconds to wait for something that should happen soon
 BOUNDARY = "held-upload-boundary"
 

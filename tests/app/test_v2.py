@@ -94,6 +94,7 @@ def predicted(live) -> dict[str, tuple[str, list[float]]]:
     return predict(live, "final")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
 @pytest.mark.parametrize("model", ["final", "lite"])
 def test_infer_answers_what_predict_answers_for_the_samples(live, triton_client, model, binary):
@@ -113,6 +114,7 @@ def test_infer_answers_what_predict_answers_for_the_samples(live, triton_client,
     assert sent_as_binary == binary
 
 
+@pytest.mark.slow
 def test_default_outputs_are_both_in_binary(triton_client, predicted):
     """With no outputs named, tritonclient asks for all of them as binary (binary_data_output)."""
     [path] = SAMPLES[:1]
@@ -121,6 +123,7 @@ def test_default_outputs_are_both_in_binary(triton_client, predicted):
     assert result.as_numpy("probabilities").shape == (1, len(CLASSES))
 
 
+@pytest.mark.slow
 def test_only_the_requested_outputs_are_answered(triton_client, predicted):
     path = SAMPLES[0]
     outputs = [triton.InferRequestedOutput("label", binary_data=False)]
@@ -130,6 +133,7 @@ def test_only_the_requested_outputs_are_answered(triton_client, predicted):
     assert result.as_numpy("probabilities") is None
 
 
+@pytest.mark.slow
 def test_health_and_metadata_through_tritonclient(triton_client):
     assert triton_client.is_server_live() and triton_client.is_server_ready()
     assert triton_client.is_model_ready("final") and triton_client.is_model_ready("lite")
@@ -160,6 +164,7 @@ def _bad_tensor(kind: str) -> triton.InferInput:
     return image_input([image, b"just some text, not an image"], binary=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["datatype", "shape", "name", "not_an_image"])
 def test_a_bad_tensor_is_a_400_with_an_error_sentence(triton_client, kind):
     with pytest.raises(InferenceServerException) as caught:
@@ -172,6 +177,7 @@ def test_a_bad_tensor_is_a_400_with_an_error_sentence(triton_client, kind):
     assert expected in message
 
 
+@pytest.mark.slow
 def test_an_unknown_model_is_a_404(triton_client, live):
     with pytest.raises(InferenceServerException) as caught:
         triton_client.infer("huge", [image_input([SAMPLES[0].read_bytes()], binary=True)])

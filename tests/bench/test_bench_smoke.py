@@ -18,6 +18,8 @@ import pytest
 
 from .conftest import REPO
 
+pytestmark = pytest.mark.slow  # a real server or subprocess: .ci/run runs these (pytest -m slow)
+
 BENCH_SCRIPTS = sorted(p.name for p in (REPO / "bench").glob("*.py"))
 # each has a test below
 SMOKE_TESTED = {"backends.py", "overload.py", "serve_load.py", "soak.py", "train_throughput.py"}

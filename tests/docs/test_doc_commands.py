@@ -11,6 +11,10 @@ import shutil
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # a real server or subprocess: .ci/run runs these (pytest -m slow)
+
 REPO = Path(__file__).resolve().parents[2]
 THIS = "tests/docs/test_doc_commands.py"
 _spec = importlib.util.spec_from_file_location("check_doc", REPO / "scripts" / "check_doc_commands.py")

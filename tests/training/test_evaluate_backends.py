@@ -1,6 +1,10 @@
 """`python -m training.evaluate --backend ...`: evaluation through the service's predictor, any backend."""
 
+import pytest
+
 from .conftest import run_evaluate
+
+pytestmark = pytest.mark.slow  # a real server or subprocess: .ci/run runs these (pytest -m slow)
 
 
 def test_onnxruntime_evaluation_reports_its_agreement_with_pytorch_fp32(

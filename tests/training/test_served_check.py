@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from app.checkpoint import save_checkpoint
@@ -9,6 +10,8 @@ from app.model import CLASSES, FinalModel
 from training.served import local_service
 
 from .conftest import run_evaluate
+
+pytestmark = pytest.mark.slow  # a real server or subprocess: .ci/run runs these (pytest -m slow)
 
 
 def test_the_service_on_the_same_weights_agrees_on_every_test_image(checkpoint_path, tiny_archive, tmp_path):
