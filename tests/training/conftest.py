@@ -75,7 +75,11 @@ def python_cmd(*args: str) -> list[str]:
     return [sys.executable, *args]
 
 
-def run_training(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+# A bound against a hang, not a speed check: on a loaded two-core machine a tiny run has taken 4 minutes.
+SUBPROCESS_TIMEOUT = 900.0
+
+
+def run_training(*args: str, timeout: float = SUBPROCESS_TIMEOUT) -> subprocess.CompletedProcess:
     """`python -m training ARGS` in a process of its own, as a user runs it."""
     return subprocess.run(
         [sys.executable, "-m", "training", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
@@ -86,7 +90,7 @@ def run_evaluate(weights, data, tmp_path, *args: str) -> subprocess.CompletedPro
     return subprocess.run(
         [sys.executable, "-m", "training.evaluate", "--weights", str(weights), "--data", str(data),
          "--cache-dir", str(tmp_path / "cache"), *args],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT,
     )  # fmt: skip
 
 

@@ -17,13 +17,13 @@ from training.teacher import TeacherNet, load_teacher
 from training.teacher import main as teacher_main
 from training.train import TrainConfig, training_loss
 
-from .conftest import REPO
+from .conftest import REPO, SUBPROCESS_TIMEOUT
 
 TINY = ["--val-size", "20", "--batch-size", "20"]
 TINY_TEACHER = [*TINY, "--widths", "8,16,16,16", "--lr", "0.05"]
 
 
-def run_module(module: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def run_module(module: str, *args: str, timeout: float = SUBPROCESS_TIMEOUT) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
     )
@@ -38,7 +38,7 @@ def interrupt_after_first_epoch(module: str, args: list[str], out, sig: int) -> 
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT
     while not (out / "history.json").exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be interrupted"

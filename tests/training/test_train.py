@@ -14,7 +14,7 @@ import torch
 from app.checkpoint import build_model, load_checkpoint
 from app.model import CLASSES
 
-from .conftest import BEST_KEYS, REPO, TRAIN_STATE_KEYS, run_evaluate, run_training
+from .conftest import BEST_KEYS, REPO, SUBPROCESS_TIMEOUT, TRAIN_STATE_KEYS, run_evaluate, run_training
 
 # Small enough for seconds on a CPU: 120 images, 20 of them held out, batches of 20.
 TINY = ["--val-size", "20", "--batch-size", "20", "--lr", "0.05"]
@@ -144,7 +144,7 @@ def test_killed_run_resumes_where_it_stopped(tiny_data, tmp_path, sig):
         text=True,
     )
     history_file = out / "history.json"
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT
     while not history_file.exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be interrupted"
@@ -209,7 +209,7 @@ def test_torchrun_two_cpu_processes(tiny_data, tmp_path):
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=SUBPROCESS_TIMEOUT,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
