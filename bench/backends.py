@@ -65,7 +65,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from serve_load import add_smoke_flag, bare_throughput, read_test_jpegs  # noqa: E402
+from serve_load import add_data_flags, add_smoke_flag, bare_throughput, read_test_jpegs  # noqa: E402
 
 from app.predictor import (  # noqa: E402
     Predictor,
@@ -164,14 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--data", required=True, help="CIFAR-10 JPEG archive (.tar.gz) or folder; test/ images are used"
-    )
-    p.add_argument(
-        "--weights",
-        default="weights/final_model.pt",
-        help="checkpoint to run; if missing, a randomly initialised one (same speed, meaningless labels)",
-    )
+    add_data_flags(p, "run")
     p.add_argument(
         "--backends",
         default="onnxruntime,pytorch,openvino,torch-compile",

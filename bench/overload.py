@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from serve_load import (  # noqa: E402
+    add_data_flags,
     add_smoke_flag,
     batch_stats,
     multipart_body,
@@ -69,14 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--data", required=True, help="CIFAR-10 JPEG archive (.tar.gz) or folder; test/ images are used"
-    )
-    p.add_argument(
-        "--weights",
-        default="weights/final_model.pt",
-        help="checkpoint to serve; if missing, a randomly initialised one (speed does not depend on it)",
-    )
+    add_data_flags(p)
     p.add_argument("--images", type=int, default=500, help="how many test JPEGs to cycle through")
     p.add_argument(
         "--phases",

@@ -69,20 +69,25 @@ def add_smoke_flag(p: argparse.ArgumentParser, smoke: dict) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python bench/serve_load.py",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_data_flags(p: argparse.ArgumentParser, what: str = "serve") -> None:
+    """--data and --weights, as every serving benchmark takes them."""
     p.add_argument(
         "--data", required=True, help="CIFAR-10 JPEG archive (.tar.gz) or folder; test/ images are used"
     )
     p.add_argument(
         "--weights",
         default="weights/final_model.pt",
-        help="checkpoint to serve; if missing, a randomly initialised one (speed does not depend on it)",
+        help=f"checkpoint to {what}; if missing, a randomly initialised one (speed does not depend on it)",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python bench/serve_load.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_data_flags(p)
     p.add_argument("--images", type=int, default=1000, help="how many test JPEGs to cycle through")
     p.add_argument("--clients", type=int, default=32, help="concurrent clients, one image per request")
     p.add_argument("--duration", type=float, default=8.0, help="seconds measured per load phase")
