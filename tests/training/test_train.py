@@ -91,6 +91,7 @@ def test_training_learns_an_easy_task(tiny_data, tmp_path):
     assert load_checkpoint(out / "final_model.pt").meta["metrics"]["test_acc"] >= 0.5
 
 
+@pytest.mark.slow
 def test_dry_run_flag_runs_the_pipeline(tiny_data, tmp_path):
     proc = run_training(
         "--data",
@@ -227,6 +228,7 @@ def test_torchrun_two_cpu_processes(tiny_data, tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_evaluate_reports_accuracy_that_matches_the_model(tiny_data, tmp_path, checkpoint_path):
     out = tmp_path / "eval"
     proc = run_evaluate(checkpoint_path, tiny_data, tmp_path, "--tta", "--out", str(out), "--device", "cpu")
@@ -249,11 +251,13 @@ def test_evaluate_reports_accuracy_that_matches_the_model(tiny_data, tmp_path, c
     assert (out / "confusion_matrix.png").exists() and (out / "misclassified.png").exists()
 
 
+@pytest.mark.slow
 def test_evaluate_min_accuracy_fails_below_the_bar(tiny_data, tmp_path, checkpoint_path):
     proc = run_evaluate(checkpoint_path, tiny_data, tmp_path, "--min-accuracy", "1.01")
     assert proc.returncode == 1 and "below the required" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("max_drop", "code"), [("0.3", 1), ("100", 0)])
 def test_evaluate_max_drop_compares_with_recorded(tiny_data, tmp_path, checkpoint_path, max_drop, code):
     """The fixture checkpoint records test_acc 0.5; a random model scores far lower on the tiny set."""
