@@ -21,18 +21,20 @@ pytestmark = pytest.mark.slow  # a real server or subprocess: .ci/run runs these
 
 HEADER_S, BODY_S, WAIT_S, MAX_CONNECTIONS = 1.0, 1.5, 0.5, 40
 SLACK_S = 1.5  # a busy two-core machine answers late; the limits are what is checked
+FLOOD_FILES = 32  # images per flood request: a full batch (CIFAR10_MAX_FILES' default)
 BOUNDARY = "overload-test"
 
 
-def predict_request(jpeg: bytes) -> bytes:
-    body = (
+def predict_request(jpeg: bytes, files: int = 1) -> bytes:
+    part = (
         (
             f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n'
             "Content-Type: image/jpeg\r\n\r\n"
         ).encode()
         + jpeg
-        + f"\r\n--{BOUNDARY}--\r\n".encode()
+        + b"\r\n"
     )
+    body = part * files + f"--{BOUNDARY}--\r\n".encode()
     head = (
         "POST /predict HTTP/1.1\r\nHost: test\r\n"
         f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {len(body)}\r\n\r\n"
@@ -157,6 +159,9 @@ async def _flood_and_probe(url: str, flooders: int, seconds: float) -> tuple[lis
     probe posts one image at a time, honouring Retry-After. Returns the probe's latencies of its
     200 answers, the flood's statuses, and the slowest /health/live answer seen during the flood."""
     host, port = httpx.URL(url).host, httpx.URL(url).port
+    # Each flood request carries FLOOD_FILES images, so that the app's two places stay busy for
+    # longer than the admission wait on any CPU and the gate must refuse; the probe sends one.
+    flood_request = predict_request(jpeg_bytes(), files=FLOOD_FILES)
     request = predict_request(jpeg_bytes())
     loop = asyncio.get_running_loop()
     stop = loop.time() + seconds
@@ -168,7 +173,7 @@ async def _flood_and_probe(url: str, flooders: int, seconds: float) -> tuple[lis
         reader, writer = await asyncio.open_connection(host, port)
         try:
             while loop.time() < stop:
-                statuses.append(await _exchange(reader, writer, request))
+                statuses.append(await _exchange(reader, writer, flood_request))
         finally:
             writer.close()
 
