@@ -12,7 +12,7 @@ Backends:
   front of it, is exported to ONNX in memory when the predictor is built: the state_dict
   checkpoint stays the one artifact.
 
-Measured on the 2-core development machine, one thread, shipped weights (the README's table,
+Measured on the 2-core development machine, one thread, shipped weights (docs/serving.md's table,
 `python bench/serve_load.py`): ONNX Runtime is the fastest backend whose labels equal PyTorch
 fp32's on the whole test split, so it is the CPU default; bf16 changes labels and is only used
 when asked for. OpenVINO and `torch.compile` (inductor) were measured beside it and are slower

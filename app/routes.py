@@ -133,7 +133,7 @@ async def live(service: ServiceDep) -> Health:
     "/health/ready",
     response_model=Health,
     summary="The model is loaded and warmed up, and requests are being taken",
-    responses={503: {"model": Health, "description": "Starting or stopping."}},
+    responses={503: {"model": Health, "description": "Starting, draining or stopping."}},
 )
 async def ready(service: ServiceDep) -> Health | JSONResponse:
     if not service.ready:

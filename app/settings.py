@@ -48,12 +48,12 @@ class Settings(BaseSettings):
     backend: Literal["auto", "pytorch", "onnxruntime"] = Field(
         "auto",
         description="What runs the forward pass. auto: the fastest backend whose labels equal PyTorch "
-        "fp32's on the whole test split, measured (README): onnxruntime on cpu, pytorch elsewhere.",
+        "fp32's on the whole test split, measured (docs/serving.md): onnxruntime on cpu, pytorch elsewhere.",
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
         description="auto is fp32. bf16 (pytorch only: autocast) is faster on GPUs and CPUs with native "
-        "bf16, and changes a few labels (README: its evaluated accuracy).",
+        "bf16, and changes a few labels (docs/serving.md: its evaluated accuracy).",
     )
     layout: Literal["auto", "nchw", "channels_last"] = Field(
         "auto",
