@@ -65,7 +65,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from serve_load import add_data_flags, add_smoke_flag, bare_throughput, read_test_jpegs  # noqa: E402
+from serve_load import (  # noqa: E402
+    add_data_flags,
+    add_smoke_flag,
+    bare_throughput,
+    read_test_jpegs,
+    weights_or_random,
+)
 
 from app.predictor import (  # noqa: E402
     Predictor,
@@ -201,8 +207,6 @@ def label_differences(built: dict, reference: Predictor, args) -> tuple[int, dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    from app.checkpoint import save_checkpoint
-    from app.model import FinalModel
     from app.preprocess import load_image
     from app.service import load_model
 
@@ -218,14 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             f"error: unknown backend(s) {', '.join(unknown)}; choose from {', '.join(CANDIDATES)}"
         )
     torch.set_num_threads(1)
-    weights = Path(args.weights)
-    if not weights.is_file():
-        weights = Path(tmp.name) / "random.pt"
-        torch.manual_seed(0)
-        save_checkpoint(weights, FinalModel())
-        print(
-            f"{args.weights} not found: a randomly initialised FinalModel (same speed, labels mean nothing)"
-        )
+    weights = weights_or_random(args.weights, tmp.name)
     jpegs = read_test_jpegs(Path(args.data), args.images)
     images = torch.stack([load_image(io.BytesIO(j)) for j in jpegs])
     images = images.repeat((max(BATCHES) + len(images) - 1) // len(images), 1, 1, 1)  # at least one batch

@@ -53,6 +53,7 @@ from serve_load import (  # noqa: E402
     raw_request,
     read_test_jpegs,
     start_server,
+    weights_or_random,
 )
 from soak import rss_mb  # noqa: E402
 
@@ -332,17 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     print("server environment: " + " ".join(f"{k}={v}" for k, v in server_env.items()))
 
     with tempfile.TemporaryDirectory() as tmp:
-        weights = Path(args.weights)
-        if not weights.is_file():
-            import torch
-
-            from app.checkpoint import save_checkpoint
-            from app.model import FinalModel
-
-            weights = Path(tmp) / "random.pt"
-            torch.manual_seed(0)
-            save_checkpoint(weights, FinalModel())
-            print(f"{args.weights} not found: serving a randomly initialised FinalModel (same speed)")
+        weights = weights_or_random(args.weights, tmp)
         # batching on, fast path on: the defaults; --set goes over them
         with start_server(args, weights, "on", env=server_env) as server:
             port, proc = server.port, server.proc

@@ -69,6 +69,24 @@ def add_smoke_flag(p: argparse.ArgumentParser, smoke: dict) -> None:
     )
 
 
+def weights_or_random(weights: str, folder: str | Path) -> Path:
+    """`weights`, or where it is missing a randomly initialised FinalModel written into `folder`
+    (the speed is the same; the labels mean nothing)."""
+    path = Path(weights)
+    if path.is_file():
+        return path
+    import torch
+
+    from app.checkpoint import save_checkpoint
+    from app.model import FinalModel
+
+    path = Path(folder) / "random.pt"
+    torch.manual_seed(0)
+    save_checkpoint(path, FinalModel())
+    print(f"{weights} not found: a randomly initialised FinalModel (same speed, labels mean nothing)")
+    return path
+
+
 def add_data_flags(p: argparse.ArgumentParser, what: str = "serve") -> None:
     """--data and --weights, as every serving benchmark takes them."""
     p.add_argument(
@@ -416,8 +434,6 @@ def _ms(value: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from app.checkpoint import save_checkpoint
-    from app.model import FinalModel
     from app.preprocess import load_image
     from app.settings import available_cpus
 
@@ -444,12 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     with tempfile.TemporaryDirectory() as tmp:
-        weights = Path(args.weights)
-        if not weights.is_file():
-            weights = Path(tmp) / "random.pt"
-            torch.manual_seed(0)
-            save_checkpoint(weights, FinalModel())
-            print(f"{args.weights} not found: serving a randomly initialised FinalModel (same speed)")
+        weights = weights_or_random(args.weights, tmp)
         results = [measure_backend(args, name, weights, images, bodies) for name in backends]
 
     print(f"\n{args.client} client; ratios against each backend's own best bare batch-{b} throughput\n")

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from serve_load import add_smoke_flag, read_test_jpegs, start_server  # noqa: E402
+from serve_load import add_smoke_flag, read_test_jpegs, start_server, weights_or_random  # noqa: E402
 
 BOUNDARY = "cifar10-soak-boundary"
 BOMB_SIDE = 100_000  # pixels per side declared by the bomb's PNG header: 10 gigapixels
@@ -338,17 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     print(source)
 
     with tempfile.TemporaryDirectory() as tmp:
-        weights_file = Path(args.weights)
-        if not weights_file.is_file():
-            import torch  # only here: the load generator itself has no use for it
-
-            from app.checkpoint import save_checkpoint
-            from app.model import FinalModel
-
-            weights_file = Path(tmp) / "random.pt"
-            torch.manual_seed(0)
-            save_checkpoint(weights_file, FinalModel())
-            print(f"{args.weights} not found: serving a randomly initialised FinalModel")
+        weights_file = weights_or_random(args.weights, tmp)
         with start_server(args, weights_file, "on") as server:  # batching on, fast path on: the defaults
             base, port, proc = server.url, server.port, server.proc
             max_files = httpx.get(f"{base}/model/summary", timeout=10).json()["serving"]["max_files"]
