@@ -23,7 +23,7 @@ import torch
 
 from app.checkpoint import CheckpointError, build_model, load_checkpoint
 from app.device import DEVICE_CHOICES, autocast_dtype, resolve_device
-from app.model import CLASSES
+from app.model import CLASSES, MODEL_KEYS
 from app.predictor import (
     BACKENDS,
     LAYOUTS,
@@ -178,19 +178,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_service(
-    args, device: torch.device, files: list, logits: torch.Tensor, labels: torch.Tensor
+    args, device: torch.device, files: list, logits: torch.Tensor, labels: torch.Tensor, model_key: str
 ) -> dict:
-    """Served labels against `logits`' argmax for the same files; prints a summary and disagreements."""
+    """Served labels of model `model_key` ("final", "lite") against `logits`' argmax for the same
+    files; prints a summary and disagreements."""
     started = time.perf_counter()
     service: AbstractContextManager[str]
     if args.service_url:
         service = nullcontext(args.service_url)
     else:
         service = local_service(
-            args.weights, device.type, backend=args.backend, precision=args.precision, layout=args.layout
+            args.weights,
+            device.type,
+            backend=args.backend,
+            precision=args.precision,
+            layout=args.layout,
+            model=model_key,
         )
     with service as url:
-        served = torch.tensor(served_labels(url, [path for path, _ in files]))
+        served = torch.tensor(served_labels(url, [path for path, _ in files], model=model_key))
     evaluated = logits.argmax(1)
     differ = (served != evaluated).nonzero().flatten().tolist()
     served_acc = (served == labels).float().mean().item()
@@ -290,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         write_report(test, logits, out)
     if files is not None:
         try:
-            result["service"] = check_service(args, device, files, logits, test.labels)
+            model_key = next(key for key, name in MODEL_KEYS.items() if name == type(model).__name__)
+            result["service"] = check_service(args, device, files, logits, test.labels, model_key)
         except ServiceError as exc:
             print(f"error: --check-service: {exc}", file=sys.stderr)
             return 1

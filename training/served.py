@@ -42,10 +42,10 @@ def _multipart(files: Sequence[Path]) -> tuple[bytes, str]:
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
 
-def _post(url: str, files: Sequence[Path], timeout: float) -> list[int]:
+def _post(url: str, files: Sequence[Path], timeout: float, model: str) -> list[int]:
     body, content_type = _multipart(files)
     request = urllib.request.Request(
-        f"{url}/predict?top_k=1", data=body, headers={"Content-Type": content_type}
+        f"{url}/predict?top_k=1&model={model}", data=body, headers={"Content-Type": content_type}
     )
     for attempt in range(5):
         try:
@@ -63,11 +63,15 @@ def _post(url: str, files: Sequence[Path], timeout: float) -> list[int]:
     return [CLASSES.index(p["label"]) for p in predictions]
 
 
-def served_labels(url: str, files: Sequence[Path], concurrency: int = 4, timeout: float = 60.0) -> list[int]:
-    """The service's label for each file, in order (FILES_PER_REQUEST files a request)."""
+def served_labels(
+    url: str, files: Sequence[Path], model: str = "final", concurrency: int = 4, timeout: float = 60.0
+) -> list[int]:
+    """The label model `model` ("final", "lite") of the service gives each file, in order
+    (FILES_PER_REQUEST files a request)."""
     chunks = [files[i : i + FILES_PER_REQUEST] for i in range(0, len(files), FILES_PER_REQUEST)]
     with ThreadPoolExecutor(concurrency) as pool:
-        return [label for labels in pool.map(lambda c: _post(url, c, timeout), chunks) for label in labels]
+        batches = pool.map(lambda chunk: _post(url, chunk, timeout, model), chunks)
+        return [label for labels in batches for label in labels]
 
 
 @contextmanager
@@ -78,11 +82,16 @@ def local_service(
     backend: str = "auto",
     precision: str = "auto",
     layout: str = "auto",
+    model: str = "final",
 ) -> Iterator[str]:
-    """`uvicorn app.main:app` on a free loopback port serving `weights` with the given backend,
-    precision and layout (the service's settings); yields its base URL."""
+    """`uvicorn app.main:app` on a free loopback port serving `weights` as model `model` ("final",
+    "lite") with the given backend, precision and layout (the service's settings); yields its base
+    URL. For "lite" the default model is the service's own default, shipped FinalModel."""
+    served = {"CIFAR10_WEIGHTS": str(weights), "CIFAR10_LITE_WEIGHTS": ""}  # no lite model to load
+    if model == "lite":
+        served = {"CIFAR10_LITE_WEIGHTS": str(weights)}
     env = {
-        "CIFAR10_WEIGHTS": str(weights),
+        **served,
         "CIFAR10_DEVICE": device,
         "CIFAR10_BACKEND": backend,
         "CIFAR10_PRECISION": precision,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from app.checkpoint import save_checkpoint
-from app.model import CLASSES, FinalModel
+from app.model import CLASSES, FinalModel, LiteModel
 from training.served import local_service
 
 from .conftest import run_evaluate
@@ -22,6 +22,19 @@ def test_the_service_on_the_same_weights_agrees_on_every_test_image(checkpoint_p
     service = json.loads((out / "evaluation.json").read_text())["service"]
     assert service["images"] == 30 and service["disagree"] == 0
     assert service["served_accuracy"] == json.loads((out / "evaluation.json").read_text())["test"]["accuracy"]
+
+
+def test_a_lite_checkpoint_is_checked_against_the_served_lite_model(tiny_archive, tmp_path):
+    """The service serves it as model "lite" beside its default FinalModel, and the check asks for
+    that model: a service answering with FinalModel (or another lite file) would agree on few."""
+    torch.manual_seed(1)
+    lite = tmp_path / "lite.pt"
+    save_checkpoint(lite, LiteModel(), metrics={"test_acc": 0.5}, epoch=1, created_at="2026-01-01T00:00:00")
+    out = tmp_path / "eval"
+    proc = run_evaluate(lite, tiny_archive, tmp_path, "--check-service", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "served labels: 30 of 30 agree with this evaluation" in proc.stdout
+    assert json.loads((out / "evaluation.json").read_text())["service"]["disagree"] == 0
 
 
 def test_a_service_on_other_weights_is_caught(checkpoint_path, tiny_archive, tmp_path):
