@@ -131,6 +131,41 @@ def test_distilled_run_records_teacher_ema_and_mixup(teacher, tiny_data, tmp_pat
 
 
 @pytest.mark.slow
+def test_a_distilled_second_cycle_starts_its_average_from_the_parent(teacher, tiny_data, tmp_path):
+    """--init with --teacher and --ema: the run records both, and the weight average it saves
+    starts from the parent's weights (at lr 0 the learned weights cannot move), not the random
+    initialisation the model had before --init loaded them."""
+    common = ["--data", str(tiny_data), "--cache-dir", str(tmp_path / "cache"), *TINY]
+    parent = run_module("training", *common, "--out", str(tmp_path / "parent"), "--epochs", "1")
+    assert parent.returncode == 0, parent.stderr[-2000:]
+    parent_ckpt = load_checkpoint(tmp_path / "parent" / "final_model.pt")
+    child = run_module(
+        "training",
+        *common,
+        "--out",
+        str(tmp_path / "child"),
+        "--epochs",
+        "1",
+        "--lr",
+        "0",
+        "--init",
+        str(tmp_path / "parent" / "final_model.pt"),
+        "--teacher",
+        str(teacher),
+        "--ema",
+        "0.9",
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    meta = load_checkpoint(tmp_path / "child" / "final_model.pt").meta
+    assert meta["init"]["sha256"] == parent_ckpt.sha256
+    assert meta["teacher"]["sha256"] == load_teacher(teacher)[1]["sha256"]
+    saved = load_checkpoint(tmp_path / "child" / "final_model.pt").state_dict
+    buffers = ("running_mean", "running_var", "num_batches_tracked")
+    learned = [k for k in parent_ckpt.state_dict if not k.endswith(buffers)]
+    assert learned and all(torch.allclose(saved[k], parent_ckpt.state_dict[k]) for k in learned)
+
+
+@pytest.mark.slow
 def test_a_teacher_that_saw_the_validation_images_is_refused(teacher, tiny_data, tmp_path, train_main):
     code, stderr = train_main(
         "--data",
