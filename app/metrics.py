@@ -117,12 +117,10 @@ class Metrics:
         )
         self.reloads = Counter(
             f"{PREFIX}_model_reloads",
-            "Weight reloads (POST /admin/reload or SIGHUP), by outcome: swapped or refused.",
-            ["outcome"],
+            "Weight reloads (POST /admin/reload or SIGHUP), by model and outcome: swapped or refused.",
+            ["model", "outcome"],
             registry=registry,
         )
-        for outcome in RELOAD_OUTCOMES:
-            self.reloads.labels(outcome)
         # Counted by app.connections.GuardedHTTPProtocol, before the ASGI app.
         self.slow_clients = Counter(
             f"{PREFIX}_slow_clients",

@@ -45,7 +45,7 @@ from app.batching import Arrival, BatcherClosed, DynamicBatcher, ItemResult, Que
 from app.checkpoint import CheckpointError, build_model, load_checkpoint
 from app.device import resolve_device
 from app.imaging import UploadError, read_upload
-from app.metrics import Metrics
+from app.metrics import RELOAD_OUTCOMES, Metrics
 from app.model import CLASSES, INPUT_SHAPE, MODEL_KEYS, LayerRow, count_parameters, layer_table
 from app.predictor import Predictor, PredictorError, TorchPredictor, build_predictor, check_output
 from app.settings import Settings, env_name
@@ -262,6 +262,9 @@ class ModelService:
         lite = settings.lite_weights
         if lite is not None and (lite.exists() or "lite_weights" in settings.model_fields_set):
             self._slots["lite"] = ModelSlot("lite", lite)  # a file named on purpose must load
+        for name in self._slots:  # every served model's reload counters exist from the start, at 0
+            for outcome in RELOAD_OUTCOMES:
+                metrics.reloads.labels(name, outcome)
         self.in_flight = 0  # inference requests admitted and not yet answered (event-loop thread only)
         self._decode_pool: ThreadPoolExecutor | None = None
         self.device: torch.device | None = None
@@ -426,16 +429,16 @@ class ModelService:
             try:
                 loaded = load_model(path, self.device, self._make_predictor, slot.name)
             except PredictorError as exc:
-                self.metrics.reloads.labels("refused").inc()
+                self.metrics.reloads.labels(slot.name, "refused").inc()
                 raise CheckpointError(f"weights file {path} cannot be served here: {exc}") from None
             except CheckpointError:
-                self.metrics.reloads.labels("refused").inc()
+                self.metrics.reloads.labels(slot.name, "refused").inc()
                 raise
             if self.settings.warmup:
                 self._warm_up(loaded)
             previous = self.loaded(slot.name)
             self.swap(loaded)
-            self.metrics.reloads.labels("swapped").inc()
+            self.metrics.reloads.labels(slot.name, "swapped").inc()
         log.info(
             "reloaded weights from %s as %r: now serving sha256 %s... (trained at %s), before %s...",
             path,

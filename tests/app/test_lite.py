@@ -126,6 +126,12 @@ def test_reload_swaps_only_the_model_named(serve, lite_weights, weights, tmp_pat
         r = client.post("/admin/reload", params={"model": "huge"}, headers=ADMIN)
         assert r.status_code == 404 and r.json()["code"] == "model_not_found"
 
+        text = client.get("/metrics").text  # the outcomes are counted per model
+        assert value(text, "cifar10_model_reloads_total", model="lite", outcome="swapped") == 1
+        assert value(text, "cifar10_model_reloads_total", model="lite", outcome="refused") == 1
+        assert value(text, "cifar10_model_reloads_total", model="final", outcome="swapped") == 0
+        assert value(text, "cifar10_model_reloads_total", model="final", outcome="refused") == 0
+
 
 def test_metrics_name_each_model(both):
     r = both.post("/predict", files=[("file", ("a.png", png_bytes(3)))], params={"model": "lite"})

@@ -76,7 +76,7 @@ def test_a_good_file_swaps_in_and_predictions_follow_it(serve, weights, other_we
         assert not matches(answer["predictions"][0], expected_probabilities(weights, 7)[0])
 
         text = client.get("/metrics").text
-        assert metric(text, 'cifar10_model_reloads_total{outcome="swapped"}') == 1
+        assert metric(text, 'cifar10_model_reloads_total{model="final",outcome="swapped"}') == 1
         assert f'sha256="{after["sha256"]}"' in text and 'trained_at="2025-01-02T03:04:05+00:00"' in text
 
         # No path: the configured file, in the query or not at all.
@@ -129,8 +129,8 @@ def test_a_bad_file_is_refused_and_the_old_weights_keep_serving(serve, weights, 
         assert not (tmp_path / "pwned").exists()  # weights_only=True: the pickle never ran
         assert client.get("/model/summary").json()["sha256"] == live
         text = client.get("/metrics").text
-        assert metric(text, 'cifar10_model_reloads_total{outcome="refused"}') == 6
-        assert metric(text, 'cifar10_model_reloads_total{outcome="swapped"}') == 0
+        assert metric(text, 'cifar10_model_reloads_total{model="final",outcome="refused"}') == 6
+        assert metric(text, 'cifar10_model_reloads_total{model="final",outcome="swapped"}') == 0
 
 
 def test_reload_needs_the_admin_token(serve, other_weights):

@@ -44,6 +44,10 @@ def metric(base: str, name: str) -> float:
     return float(re.search(rf"^{re.escape(name)} (\S+)$", text, re.M).group(1))
 
 
+def reloads(base: str, model: str, outcome: str) -> float:
+    return metric(base, f'cifar10_model_reloads_total{{model="{model}",outcome="{outcome}"}}')
+
+
 @pytest.fixture
 def server(weights) -> Iterator:
     """start(*args, **env) -> a ready launch.Server (uvicorn with `args`, settings `env`), which the
@@ -57,10 +61,13 @@ def server(weights) -> Iterator:
         yield start
 
 
-def test_sighup_reloads_the_configured_weights_and_refuses_a_bad_file(server, weights, tmp_path):
+def test_sighup_reloads_the_configured_weights_and_refuses_a_bad_file(
+    server, weights, lite_weights, tmp_path
+):
+    """Every served model reloads from its file; the lite one is untouched when final's is bad."""
     live = tmp_path / "live.pt"
     shutil.copy(weights, live)
-    live_server = server(CIFAR10_WEIGHTS=str(live))
+    live_server = server(CIFAR10_WEIGHTS=str(live), CIFAR10_LITE_WEIGHTS=str(lite_weights))
     proc, base = live_server.proc, live_server.url
     assert httpx.get(f"{base}/health/ready").json()["model_sha256"] == file_sha256(weights)
 
@@ -78,9 +85,11 @@ def test_sighup_reloads_the_configured_weights_and_refuses_a_bad_file(server, we
 
     live.write_bytes(b"half a checkpoint")  # a bad file: refused, the new weights keep serving
     proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: metric(base, 'cifar10_model_reloads_total{outcome="refused"}') == 1, "the refusal")
+    wait_for(lambda: reloads(base, "final", "refused") == 1, "the refusal")
     assert httpx.get(f"{base}/health/ready").json()["model_sha256"] == new_sha
-    assert metric(base, 'cifar10_model_reloads_total{outcome="swapped"}') == 1
+    assert reloads(base, "final", "swapped") == 1
+    wait_for(lambda: reloads(base, "lite", "swapped") == 2, "both reloads of the lite model")
+    assert reloads(base, "lite", "refused") == 0
 
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=WAIT)
