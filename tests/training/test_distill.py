@@ -156,10 +156,10 @@ def test_a_distilled_second_cycle_starts_its_average_from_the_parent(teacher, ti
         "0.9",
     )
     assert child.returncode == 0, child.stderr[-2000:]
-    meta = load_checkpoint(tmp_path / "child" / "final_model.pt").meta
-    assert meta["init"]["sha256"] == parent_ckpt.sha256
-    assert meta["teacher"]["sha256"] == load_teacher(teacher)[1]["sha256"]
-    saved = load_checkpoint(tmp_path / "child" / "final_model.pt").state_dict
+    child_ckpt = load_checkpoint(tmp_path / "child" / "final_model.pt")
+    assert child_ckpt.meta["init"]["sha256"] == parent_ckpt.sha256
+    assert child_ckpt.meta["teacher"]["sha256"] == load_teacher(teacher)[1]["sha256"]
+    saved = child_ckpt.state_dict
     buffers = ("running_mean", "running_var", "num_batches_tracked")
     learned = [k for k in parent_ckpt.state_dict if not k.endswith(buffers)]
     assert learned and all(torch.allclose(saved[k], parent_ckpt.state_dict[k]) for k in learned)
