@@ -75,6 +75,7 @@ class TrainingRecord(TypedDict, total=False):
     epoch: int  # epochs trained when written (the best epoch's weights, chosen on validation)
     total_epochs: int  # epoch plus the --init parent's epochs
     complete: bool  # every epoch of the recipe ran
+    weights: str  # "raw", or "average": --ema's weight average validated better and was kept
     duration_s: float  # training time, evaluation and writes excluded
     data_fingerprint: str  # sha256 of the decoded training and test pixels and labels
     data_source: str  # the data's file or folder name

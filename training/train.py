@@ -99,6 +99,7 @@ class Best:
     epoch: int = -1
     train_acc: float = 0.0
     state_dict: dict[str, torch.Tensor] | None = None  # None until the first epoch ends
+    weights: str = "raw"  # "average" when --ema's weight average validated better than the raw weights
 
 
 @dataclass
@@ -161,6 +162,7 @@ def train_state(
             "epoch": progress.best.epoch,
             "train_acc": progress.best.train_acc,
             "state_dict": progress.best.state_dict,
+            "weights": progress.best.weights,
         },
         "data_fingerprint": fingerprint,
         "init": init,
@@ -178,7 +180,14 @@ def progress_from(state: TrainState) -> Progress:
         sums=(sums[0], sums[1], sums[2]),
         elapsed=state["elapsed"],
         history=state["history"],
-        best=Best(best["val_acc"], best["epoch"], best["train_acc"], best["state_dict"]),
+        # states saved before the raw weights could be chosen kept the average whenever there was one
+        best=Best(
+            best["val_acc"],
+            best["epoch"],
+            best["train_acc"],
+            best["state_dict"],
+            best.get("weights", "average" if state["ema"] else "raw"),
+        ),
     )
 
 
@@ -539,6 +548,7 @@ def write_weights(
         "epoch": epoch,
         "duration_s": round(progress.elapsed, 1),
         "complete": epoch == cfg.epochs,
+        "weights": best.weights,
         "created_at": now(),
     }
     save_checkpoint(path, model, **record)
@@ -732,9 +742,8 @@ def run(cfg: TrainConfig, resume: bool = False, overrides: dict[str, Any] | None
             progress.batch, progress.sums = int(r["batches_done"]), (r["loss_sum"], r["correct"], r["seen"])
         else:
             loss_sum, correct, seen = all_sum([r["loss_sum"], r["correct"], r["seen"]], device)
-            # with --ema the average is the model: it is validated, chosen and saved
-            evaluated = ema.module if ema is not None else model
-            v = evaluate(evaluated, val, rt)
+            # with --ema the average and the raw weights are both validated; the better one is kept
+            v = evaluate(ema.module if ema is not None else model, val, rt)
             row = {
                 "epoch": epoch + 1,
                 "train_loss": loss_sum / seen,
@@ -747,14 +756,18 @@ def run(cfg: TrainConfig, resume: bool = False, overrides: dict[str, Any] | None
                 # since the last epoch's row: training, validation and the checkpoint writes
                 "wall_s": time.perf_counter() - mark,
             }
+            raw = model.module if isinstance(model, DistributedDataParallel) else model
+            candidates = [(v["acc"], raw if ema is None else ema.module, "raw" if ema is None else "average")]
             if ema is not None:
                 row["val_acc_raw"] = evaluate(model, val, rt)["acc"]
+                candidates.append((row["val_acc_raw"], raw, "raw"))
             mark = time.perf_counter()
             progress.history.append(row)
             progress.epoch, progress.batch, progress.sums = epoch + 1, 0, (0.0, 0.0, 0.0)
-            if v["acc"] > progress.best.val_acc:
-                weights = {k: t.detach().cpu().clone() for k, t in evaluated.state_dict().items()}
-                progress.best = Best(v["acc"], epoch + 1, row["train_acc"], weights)
+            acc, chosen, kind = max(candidates, key=lambda c: c[0])  # a tie keeps the average
+            if acc > progress.best.val_acc:
+                weights = {k: t.detach().cpu().clone() for k, t in chosen.state_dict().items()}
+                progress.best = Best(acc, epoch + 1, row["train_acc"], weights, kind)
         if rank == 0:
             saved = train_state(
                 cfg, progress, model, optimizer, scheduler, ema, data.fingerprint, init_info, teacher_info
@@ -772,12 +785,13 @@ def run(cfg: TrainConfig, resume: bool = False, overrides: dict[str, Any] | None
             raise KeyboardInterrupt
         if rank == 0:
             log.info(
-                "epoch %d/%d  loss %.4f  train %.2f%%  val %.2f%%  lr %.4f  %.0f img/s  %.0fs",
+                "epoch %d/%d  loss %.4f  train %.2f%%  val %.2f%%%s  lr %.4f  %.0f img/s  %.0fs",
                 epoch + 1,
                 cfg.epochs,
                 row["train_loss"],
                 100 * row["train_acc"],
                 100 * row["val_acc"],
+                f" (average; raw {100 * row['val_acc_raw']:.2f}%)" if ema is not None else "",
                 row["lr"],
                 row["images_per_s"],
                 row["seconds"],

@@ -24,7 +24,7 @@ TRAIN_STATE_KEYS = {
     "format", "config", "epoch", "batch", "sums", "elapsed", "model", "optimizer", "scheduler",
     "history", "best", "data_fingerprint", "init", "teacher", "ema", "saved_at",
 }  # fmt: skip
-BEST_KEYS = {"val_acc", "epoch", "train_acc", "state_dict"}
+BEST_KEYS = {"val_acc", "epoch", "train_acc", "state_dict", "weights"}
 
 
 def make_image_folder(root: Path, per_class: dict[str, int], seed: int = 0) -> Path:

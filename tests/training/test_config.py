@@ -105,6 +105,12 @@ def test_last_pt_keeps_its_layout_and_reads_back():
     assert (back.epoch, back.batch, back.sums, back.elapsed) == (2, 3, (1.5, 7, 60), 12.5)
     assert back.history == [{"epoch": 1}]
     assert (back.best.val_acc, back.best.epoch, back.best.train_acc) == (0.5, 2, 0.4)
+    assert back.best.weights == "raw"
+    # a state saved before the raw weights could be chosen: with --ema, its best was the average
+    del state["best"]["weights"]
+    assert progress_from(state).best.weights == "raw"
+    state["ema"] = {"n_averaged": torch.tensor(1)}
+    assert progress_from(state).best.weights == "average"
     # before the first epoch ends (a Ctrl-C in epoch 1), there are no best weights yet
     empty = progress_from(train_state(cfg, Progress(), model, optimizer, scheduler, None, "", None, None))
     assert empty.best == Best() and empty.best.state_dict is None

@@ -166,6 +166,25 @@ def test_a_distilled_second_cycle_starts_its_average_from_the_parent(teacher, ti
 
 
 @pytest.mark.slow
+def test_the_raw_weights_are_kept_when_they_validate_better_than_the_average(tiny_data, tmp_path):
+    """--ema validates both the average and the raw weights each epoch and keeps the better one.
+    At decay 0.9999 the average stays near the random initialisation, so the raw weights win."""
+    out = tmp_path / "run"
+    common = ["--data", str(tiny_data), "--cache-dir", str(tmp_path / "cache"), "--out", str(out), *TINY]
+    proc = run_module("training", *common, "--epochs", "3", "--lr", "0.05", "--ema", "0.9999")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    history = json.loads((out / "history.json").read_text())
+    best_raw = max(h["val_acc_raw"] for h in history)
+    assert best_raw > max(h["val_acc"] for h in history)  # the setting does what the docstring says
+    ckpt = load_checkpoint(out / "final_model.pt")
+    assert ckpt.meta["weights"] == "raw" and ckpt.meta["metrics"]["val_acc"] == best_raw
+    # the best raw epoch here is the last, whose raw weights last.pt holds: the saved ones are those
+    assert history[-1]["val_acc_raw"] == best_raw
+    last = torch.load(out / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(t, last[k]) for k, t in ckpt.state_dict.items())
+
+
+@pytest.mark.slow
 def test_a_teacher_that_saw_the_validation_images_is_refused(teacher, tiny_data, tmp_path, train_main):
     code, stderr = train_main(
         "--data",
