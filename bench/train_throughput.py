@@ -1,6 +1,6 @@
 """Training throughput of FinalModel: the full training step against the bare model step.
 
-    python bench/train_throughput.py [--data cifar10-jpeg.tar.gz] [--steps 8] [--compile]
+    python bench/train_throughput.py [--data cifar10-jpeg.tar.gz] [--steps 8] [--compile | --distill]
     python bench/train_throughput.py --smoke    # a check that it works, in seconds (what CI runs)
 
 "full" is `training.train.train_one_epoch` itself: batch gather from the in-memory uint8 data
@@ -11,7 +11,9 @@ already normalised batch of the same size and settings. full / bare is the data 
 
 Rows vary what the issue asked about: memory format, bf16 autocast, batch size, dropout and
 threads, and finally two single-thread processes under DDP (gloo) against one two-thread process.
-With --compile it times the full step under torch.compile against eager instead.
+With --compile it times the full step under torch.compile against eager instead; with --distill,
+the distilled full step (python -m training --teacher: the teacher's forward pass on the same
+augmented batch, and the KL term) against the plain one.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from app.model import FinalModel  # noqa: E402
 from app.preprocess import normalize  # noqa: E402
 from training.data import Split, load_cifar10  # noqa: E402
+from training.teacher import TeacherNet, parse_widths  # noqa: E402
 from training.train import Runtime, TrainConfig, train_one_epoch  # noqa: E402
 
 
@@ -82,9 +85,10 @@ def full_rate(
     rank: int = 0,
     world: int = 1,
     compile: bool = False,
+    teacher: torch.nn.Module | None = None,
 ) -> float:
     """images/s of train_one_epoch over `steps` batches (after a 2-batch warm-up, which is also
-    when torch.compile compiles), all ranks together."""
+    when torch.compile compiles), all ranks together; with `teacher`, the distilled step."""
     model, opt = make_model(dropout, channels_last)
     net: Any = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     if compile:
@@ -92,8 +96,10 @@ def full_rate(
     cfg = TrainConfig(batch_size=batch, epochs=1, dropout=dropout)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=steps + 3)
     rt = make_runtime(amp, channels_last, rank, world)
-    train_one_epoch(net, opt, sched, data.subset(torch.arange(2 * batch)), cfg, 0, rt, progress=False)
-    r = train_one_epoch(net, opt, sched, data.subset(torch.arange(steps * batch)), cfg, 0, rt, progress=False)
+    for n in (2, steps):  # the warm-up, then the timed batches
+        r = train_one_epoch(
+            net, opt, sched, data.subset(torch.arange(n * batch)), cfg, 0, rt, teacher=teacher, progress=False
+        )
     return r["images"] / r["seconds"]
 
 
@@ -131,6 +137,26 @@ def compare_compile(data: Split, batch: int, dropout: float, steps: int, cores: 
         )
 
 
+def compare_distill(data: Split, batch: int, dropout: float, steps: int, amp: bool, widths: str) -> None:
+    """Plain, distilled, plain again (so drift in a noisy machine shows), in one single-thread
+    process with the CPU defaults (channels_last; bf16 only where the CPU has it): one DDP rank.
+    The teacher has random weights: its forward pass costs what a trained one's does."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    teacher = TeacherNet(parse_widths(widths)).eval().requires_grad_(False)
+    teacher = teacher.to(memory_format=torch.channels_last)
+    params = sum(p.numel() for p in teacher.parameters())
+    plain = full_rate(data, batch, steps, amp, True, dropout)
+    distilled = full_rate(data, batch, steps, amp, True, dropout, teacher=teacher)
+    plain_again = full_rate(data, batch, steps, amp, True, dropout)
+    print(
+        f"1 proc x 1 thr, batch {batch}, {'bf16' if amp else 'fp32'} + channels_last, dropout {dropout}, "
+        f"full step: plain {plain:.1f} then {plain_again:.1f} img/s, distilled from a {params:,}-parameter "
+        f"teacher {distilled:.1f} img/s; distilled / plain {distilled / ((plain + plain_again) / 2):.2f}",
+        flush=True,
+    )
+
+
 # --smoke: two rows (plain fp32 NCHW, and bf16 + channels_last) and the DDP comparison, on
 # small batches and one timed step each.
 SMOKE = {"steps": 1, "batch_size": 8}
@@ -149,6 +175,17 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="instead of the rows above: the full step under torch.compile against the same "
         "step eager, in one process with 1 and with all threads",
+    )
+    p.add_argument(
+        "--distill",
+        action="store_true",
+        help="instead of the rows above: the distilled full step against the plain one, in one "
+        "single-thread process (a DDP rank) with the CPU's training defaults",
+    )
+    p.add_argument(
+        "--teacher-widths",
+        default="32,64,256,256",
+        help="--distill's teacher: stem and group widths as in python -m training.teacher",
     )
     p.add_argument(
         "--smoke",
@@ -184,6 +221,9 @@ def main(argv: list[str] | None = None) -> None:
     b, d = args.batch_size, args.dropout
     if args.compile:
         compare_compile(data, b, d, args.steps, cores)
+        return
+    if args.distill:  # the CPU's defaults: bf16 only where the CPU has it natively
+        compare_distill(data, b, d, args.steps, bf16, args.teacher_widths)
         return
 
     rows = []

@@ -159,3 +159,22 @@ def test_train_throughput_smoke(smoke_runs):
     rows = re.findall(row, out, re.M)
     assert len(rows) == 2, out  # --smoke: plain fp32 NCHW, and bf16 + channels_last
     assert re.search(r"^DDP \(gloo\) 2 procs x 1 thread, full step: +[\d.]+ img/s", out, re.M), out
+
+
+def test_train_throughput_distill_smoke():
+    """--distill times the distilled step against the plain one and prints their ratio."""
+    args = ["--smoke", "--distill", "--teacher-widths", "8,16,16,16"]
+    proc = subprocess.run(
+        [sys.executable, "bench/train_throughput.py", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = (
+        r"^1 proc x 1 thr, batch 8, (fp32|bf16) \+ channels_last, .* full step: "
+        r"plain [\d.]+ then [\d.]+ img/s, distilled from a 13,256-parameter teacher [\d.]+ img/s; "
+        r"distilled / plain [\d.]+$"
+    )
+    assert re.search(row, proc.stdout, re.M), proc.stdout
