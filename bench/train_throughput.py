@@ -23,6 +23,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -122,37 +123,49 @@ def ddp_rate(args, data: Split) -> float:
     return results.get()
 
 
+Rate = Callable[[], float]
+
+
+def against_baseline(baseline: Rate, variant: Rate) -> tuple[float, float, float, float]:
+    """The baseline, the variant, the baseline again (so drift in a noisy machine shows):
+    (baseline, baseline again, variant, variant / the baselines' mean)."""
+    first, measured, again = baseline(), variant(), baseline()
+    return first, again, measured, measured / ((first + again) / 2)
+
+
 def compare_compile(data: Split, batch: int, dropout: float, steps: int, cores: int) -> None:
-    """Eager, compiled, eager again (so drift in a noisy machine shows), for 1 and `cores` threads."""
+    """Eager, compiled, eager again, for 1 and `cores` threads."""
     for threads in sorted({1, cores}):
         torch.set_num_threads(threads)
-        eager = full_rate(data, batch, steps, True, True, dropout)
-        compiled = full_rate(data, batch, steps, True, True, dropout, compile=True)
-        eager_again = full_rate(data, batch, steps, True, True, dropout)
+        eager, again, compiled, ratio = against_baseline(
+            lambda: full_rate(data, batch, steps, True, True, dropout),
+            lambda: full_rate(data, batch, steps, True, True, dropout, compile=True),
+        )
         print(
             f"1 proc x {threads} thr, batch {batch}, bf16 + channels_last, full step: eager "
-            f"{eager:.1f} then {eager_again:.1f} img/s, compiled {compiled:.1f} img/s; "
-            f"compiled / eager {compiled / ((eager + eager_again) / 2):.2f}",
+            f"{eager:.1f} then {again:.1f} img/s, compiled {compiled:.1f} img/s; "
+            f"compiled / eager {ratio:.2f}",
             flush=True,
         )
 
 
 def compare_distill(data: Split, batch: int, dropout: float, steps: int, amp: bool, widths: str) -> None:
-    """Plain, distilled, plain again (so drift in a noisy machine shows), in one single-thread
-    process with the CPU defaults (channels_last; bf16 only where the CPU has it): one DDP rank.
-    The teacher has random weights: its forward pass costs what a trained one's does."""
+    """Plain, distilled, plain again, in one single-thread process with the CPU defaults
+    (channels_last; bf16 only where the CPU has it): one DDP rank. The teacher has random
+    weights: its forward pass costs what a trained one's does."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
     teacher = TeacherNet(parse_widths(widths)).eval().requires_grad_(False)
     teacher = teacher.to(memory_format=torch.channels_last)
     params = sum(p.numel() for p in teacher.parameters())
-    plain = full_rate(data, batch, steps, amp, True, dropout)
-    distilled = full_rate(data, batch, steps, amp, True, dropout, teacher=teacher)
-    plain_again = full_rate(data, batch, steps, amp, True, dropout)
+    plain, again, distilled, ratio = against_baseline(
+        lambda: full_rate(data, batch, steps, amp, True, dropout),
+        lambda: full_rate(data, batch, steps, amp, True, dropout, teacher=teacher),
+    )
     print(
         f"1 proc x 1 thr, batch {batch}, {'bf16' if amp else 'fp32'} + channels_last, dropout {dropout}, "
-        f"full step: plain {plain:.1f} then {plain_again:.1f} img/s, distilled from a {params:,}-parameter "
-        f"teacher {distilled:.1f} img/s; distilled / plain {distilled / ((plain + plain_again) / 2):.2f}",
+        f"full step: plain {plain:.1f} then {again:.1f} img/s, distilled from a {params:,}-parameter "
+        f"teacher {distilled:.1f} img/s; distilled / plain {ratio:.2f}",
         flush=True,
     )
 
