@@ -757,10 +757,11 @@ def run(cfg: TrainConfig, resume: bool = False, overrides: dict[str, Any] | None
                 "wall_s": time.perf_counter() - mark,
             }
             raw = model.module if isinstance(model, DistributedDataParallel) else model
-            candidates = [(v["acc"], raw if ema is None else ema.module, "raw" if ema is None else "average")]
-            if ema is not None:
+            if ema is None:
+                candidates = [(v["acc"], raw, "raw")]
+            else:
                 row["val_acc_raw"] = evaluate(model, val, rt)["acc"]
-                candidates.append((row["val_acc_raw"], raw, "raw"))
+                candidates = [(v["acc"], ema.module, "average"), (row["val_acc_raw"], raw, "raw")]
             mark = time.perf_counter()
             progress.history.append(row)
             progress.epoch, progress.batch, progress.sums = epoch + 1, 0, (0.0, 0.0, 0.0)
