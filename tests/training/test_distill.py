@@ -1,5 +1,6 @@
 """The teacher and distillation into FinalModel: real subprocesses on tiny data, and the loss itself."""
 
+import copy
 import json
 import os
 import signal
@@ -10,12 +11,16 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from app.checkpoint import load_checkpoint
-from app.model import CLASSES
+from app.model import CLASSES, FinalModel
+from app.preprocess import normalize
+from training.data import Split
 from training.teacher import TeacherNet, load_teacher
 from training.teacher import main as teacher_main
-from training.train import TrainConfig, training_loss
+from training.train import Runtime, TrainConfig, averaged_model, training_loss
 
 from .conftest import REPO, SUBPROCESS_TIMEOUT
 
@@ -182,6 +187,31 @@ def test_the_raw_weights_are_kept_when_they_validate_better_than_the_average(tin
     assert history[-1]["val_acc_raw"] == best_raw
     last = torch.load(out / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(t, last[k]) for k, t in ckpt.state_dict.items())
+
+
+def test_the_average_is_validated_with_batchnorm_statistics_of_its_own():
+    """Whatever statistics the running average carries, the average that is validated has them
+    recomputed on training images: in eval mode it answers as its weights do on those images in one
+    training-mode batch (batch statistics). The running average itself is left as it was."""
+    torch.manual_seed(0)
+    ema = AveragedModel(FinalModel(dropout=0.0), multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    for bn in ema.modules():
+        if isinstance(bn, nn.BatchNorm2d):  # averaged statistics that fit no weights
+            bn.running_mean.add_(3.0)
+            bn.running_var.mul_(100.0)
+    running = {k: t.clone() for k, t in ema.state_dict().items()}
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    train = Split(images, torch.zeros(64, dtype=torch.int64))
+
+    average = averaged_model(ema, train, Runtime(torch.device("cpu")), seed=0, n=64, batch_size=64)
+
+    with torch.no_grad():
+        batch_statistics = copy.deepcopy(ema.module).train()(normalize(images))
+        stale = copy.deepcopy(ema.module).eval()(normalize(images))
+        validated = average(normalize(images))
+    assert not torch.allclose(stale, batch_statistics, atol=1e-2)  # the corruption shows
+    torch.testing.assert_close(validated, batch_statistics, rtol=1e-3, atol=1e-3)
+    assert all(torch.equal(t, ema.state_dict()[k]) for k, t in running.items())
 
 
 @pytest.mark.slow
