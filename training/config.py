@@ -17,6 +17,7 @@ from app.device import DEVICE_CHOICES
 from app.model import MODEL_KEYS
 
 SWITCH = ("auto", "on", "off")
+BN_IMAGES = 5000  # training images that recompute the weight average's BatchNorm statistics
 
 
 class ConfigError(Exception):
@@ -87,9 +88,9 @@ class TrainConfig:
     kd_temperature: float = option(4.0, "softmax temperature of the distillation term")
     ema: float = option(
         0.0,
-        "decay per step of an exponential moving average of the weights (e.g. 0.999); the average, with "
-        "BatchNorm statistics recomputed on 5,000 training images, and the raw weights are validated "
-        "every epoch and the better is kept; 0 turns it off",
+        "decay per step of an exponential moving average of the weights (e.g. 0.999); the average, "
+        f"with BatchNorm statistics recomputed on {BN_IMAGES:,} training images, and the raw weights "
+        "are validated every epoch and the better is kept; 0 turns it off",
     )
     mixup: float = option(
         0.0,

@@ -59,7 +59,14 @@ from app.model import ARCHITECTURES, MODEL_KEYS
 from app.preprocess import normalize
 from app.settings import available_cpus
 from training.augment import augment
-from training.config import ConfigError, TrainConfig, build_parser, config_from_args, resumed_config
+from training.config import (
+    BN_IMAGES,
+    ConfigError,
+    TrainConfig,
+    build_parser,
+    config_from_args,
+    resumed_config,
+)
 from training.data import Cifar10, DataError, Split, limit_index, limit_split, load_cifar10, split_validation
 from training.evaluate import predict, summarize, write_report
 
@@ -69,7 +76,6 @@ log = logging.getLogger("training")
 
 RESUME_FORMAT = "cifar10-cnn/train-state"
 PICTURES = ("curves.png", "confusion_matrix.png", "misclassified.png")
-BN_IMAGES = 5000  # training images that recompute the weight average's BatchNorm statistics
 
 
 # ---------------------------------------------------------------- typed state
