@@ -173,14 +173,13 @@ async def _flood_and_probe(
     request = predict_request(jpeg_bytes())
     loop = asyncio.get_running_loop()
     give_up = loop.time() + max_seconds
-    done = asyncio.Event()
     statuses: list[int] = []
     admitted: list[float] = []
     refused = 0
     health: list[float] = []
 
     def running() -> bool:
-        return not done.is_set() and loop.time() < give_up
+        return len(admitted) < admissions and loop.time() < give_up
 
     async def flooder() -> None:
         reader, writer = await asyncio.open_connection(host, port)
@@ -200,8 +199,6 @@ async def _flood_and_probe(
                 status = await _exchange(reader, writer, request)
                 if status == 200:
                     admitted.append(loop.time() - started)
-                    if len(admitted) >= admissions:
-                        done.set()
                 else:
                     refused += 1
                     await asyncio.sleep(1.0)
