@@ -377,6 +377,15 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when any rank's flag is set, so all ranks stop at the same step.
+
+    A signal reaches the ranks at slightly different moments; a rank that stopped alone would
+    leave the others blocked in the next step's gradient all-reduce until the launcher kills them.
+    """
+    return all_sum([float(flag)], device)[0] > 0
+
+
 class StopFlag:
     """Set by SIGINT/SIGTERM; the loop finishes its step, saves last.pt, then exits."""
 
@@ -478,7 +487,7 @@ def train_one_epoch(
     )
     done = start_batch
     for b in bar:
-        if stop():
+        if any_rank(stop(), device):
             break
         idx = order[b * cfg.batch_size :][rt.rank * per_rank : (rt.rank + 1) * per_rank]
         x = normalize(train.images[idx].to(device, non_blocking=True))  # (B, 3, 32, 32) float

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -338,3 +339,34 @@ def test_model_lite_writes_lite_model_pt_and_init_refuses_the_other_architecture
     code, stderr = train_main(*common, "--init", out / "lite_model.pt", "--out", tmp_path / "final")
     assert code == 2
     assert "holds a LiteModel, this run trains a FinalModel" in stderr
+
+
+@pytest.mark.slow
+def test_a_signal_that_reaches_one_torchrun_worker_stops_both_and_saves(tiny_data, tmp_path):
+    """The ranks agree on the step to stop at: a rank that stopped alone would leave the other
+    blocked in the gradient all-reduce, and the launcher would kill both before last.pt is saved."""
+    out = tmp_path / "ddp"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "training"]
+        + ["--data", str(tiny_data), "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+        + ["--epochs", "50", *TINY, "--device", "cpu"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+    while not (out / "history.json").exists() and time.monotonic() < deadline and launcher.poll() is None:
+        time.sleep(0.05)
+    assert launcher.poll() is None, "the run ended before it could be interrupted"
+    workers = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+    assert len(workers) == 2
+    os.kill(int(workers[-1]), signal.SIGINT)  # one worker only, as a late-arriving signal is
+    stderr = launcher.communicate(timeout=60)[1]
+    assert "continue with --resume" in stderr, stderr[-3000:]
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert 1 <= state["epoch"] < 50
+    assert [h["epoch"] for h in json.loads((out / "history.json").read_text())] == list(
+        range(1, state["epoch"] + 1)
+    )
