@@ -185,29 +185,18 @@ def test_resume_without_a_saved_run_is_refused(tmp_path, train_main):
     assert code == 2 and "last.pt does not exist" in stderr
 
 
+def torchrun_two_cpu(tiny_data, tmp_path, out, epochs: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "training"] + [
+        *("--data", str(tiny_data), "--cache-dir", str(tmp_path / "cache"), "--out", str(out)),
+        *("--epochs", str(epochs), *TINY, "--device", "cpu"),
+    ]
+
+
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes(tiny_data, tmp_path):
     out = tmp_path / "ddp"
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            "-m",
-            "training",
-            "--data",
-            str(tiny_data),
-            "--cache-dir",
-            str(tmp_path / "cache"),
-            "--out",
-            str(out),
-            "--epochs",
-            "2",
-            *TINY,
-            "--device",
-            "cpu",
-        ],
+        torchrun_two_cpu(tiny_data, tmp_path, out, epochs=2),
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -347,9 +336,7 @@ def test_a_signal_that_reaches_one_torchrun_worker_stops_both_and_saves(tiny_dat
     blocked in the gradient all-reduce, and the launcher would kill both before last.pt is saved."""
     out = tmp_path / "ddp"
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "training"]
-        + ["--data", str(tiny_data), "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
-        + ["--epochs", "50", *TINY, "--device", "cpu"],
+        torchrun_two_cpu(tiny_data, tmp_path, out, epochs=50),
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
