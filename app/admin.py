@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 
 from app.checkpoint import CheckpointError
 from app.errors import ApiError, ErrorBody
-from app.routes import ModelQuery, ServiceDep
+from app.routes import ServiceDep, StrictQuery, model_field
 from app.security import require_admin
 
 admin_router = APIRouter(tags=["admin"], dependencies=[Depends(require_admin)])
@@ -43,6 +43,11 @@ class ReloadResult(BaseModel):
     seconds: float = Field(description="Time to load, check and warm up the new weights.")
 
 
+class ReloadQuery(StrictQuery):
+    path: str | None = Field(None, description="Weights file to load (default: the model's configured file).")
+    model: str | None = model_field()
+
+
 def _error(status: int, description: str) -> dict[int | str, dict]:
     return {status: {"model": ErrorBody, "description": description}}
 
@@ -62,13 +67,11 @@ def _error(status: int, description: str) -> dict[int | str, dict]:
 )
 async def reload(
     service: ServiceDep,
+    query: Annotated[ReloadQuery, Query()],
     body: Annotated[ReloadRequest | None, Body()] = None,
-    path: Annotated[
-        str | None, Query(description="Weights file to load (default: the model's configured file).")
-    ] = None,
-    model: ModelQuery = None,
 ) -> ReloadResult:
     body_path = body.path if body is not None else None
+    path, model = query.path, query.model
     if path and body_path and path != body_path:
         raise ApiError(422, "invalid_request", "give the weights path once: in the query or in the body")
     started = time.perf_counter()

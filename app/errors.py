@@ -83,6 +83,33 @@ async def _api_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc)
 
 
+def _query_names(request: Request) -> list[str]:
+    """The query parameters the matched route takes (those of a query model, field by field)."""
+    dependant = getattr(request.scope.get("route"), "dependant", None)
+    names: list[str] = []
+    for field in getattr(dependant, "query_params", ()):
+        annotation = field.field_info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            names += annotation.model_fields
+        else:
+            names.append(field.alias)
+    return names
+
+
+def _is_unknown_query(error: dict[str, Any]) -> bool:
+    return error.get("type") == "extra_forbidden" and list(error.get("loc", ()))[:1] == ["query"]
+
+
+def _unknown_query(errors: list[dict[str, Any]], request: Request) -> str | None:
+    """One sentence for every query parameter the endpoint does not take (a misspelt `topk`)."""
+    unknown = [str(e["loc"][1]) for e in errors if _is_unknown_query(e)]
+    if not unknown:
+        return None
+    names = _query_names(request)
+    takes = f" (this endpoint takes: {', '.join(names)})" if names else ""
+    return f"unknown query parameter{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}{takes}"
+
+
 def _field_sentence(error: dict[str, Any], form_keys: list[str]) -> str:
     loc = [str(part) for part in error.get("loc", ())]
     where = loc[0] if loc else ""
@@ -120,7 +147,9 @@ def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         FieldProblem(loc=list(e.get("loc", ())), msg=str(e.get("msg", "")), type=str(e.get("type", "")))
         for e in errors
     ]
-    detail = "; ".join(dict.fromkeys(_field_sentence(e, form_keys) for e in errors)) or "invalid request"
+    unknown = _unknown_query(errors, request)
+    sentences = [_field_sentence(e, form_keys) for e in errors if not _is_unknown_query(e)]
+    detail = "; ".join(dict.fromkeys(([unknown] if unknown else []) + sentences)) or "invalid request"
     _count(request, "invalid_request")
     body_out = ErrorBody(detail=detail, code="invalid_request", fields=fields).model_dump(exclude_none=True)
     return JSONResponse(body_out, status_code=422)
@@ -183,7 +212,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         404: "No model of that name is served (see ?model=).",
         415: "An upload is not an image in a supported format (text, PDF, SVG...), "
         "or the body is not multipart/form-data.",
-        422: "The field 'file' is missing or misnamed, or a query parameter is invalid.",
+        422: "The field 'file' is missing or misnamed, or a query parameter is invalid or unknown.",
         503: "The model is not loaded yet, or the queue is full; retry after Retry-After seconds.",
     }
     out: dict[int | str, dict[str, Any]] = {}

@@ -8,11 +8,12 @@ inference route is declared here once. A `ServiceError` a route lets rise is ans
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Depends, File, Query, Request, Response, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import Scope
 
 from app.edge import model_summary as build_summary
@@ -36,15 +37,37 @@ async def get_metrics(request: Request) -> Metrics:
 
 ServiceDep = Annotated[ModelService, Depends(get_service)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-# The admission middleware reads the same parameter (app.main.requested_model) to queue the request.
-ModelQuery = Annotated[
-    str | None,
-    Query(
+
+
+def model_field() -> Any:
+    """The `model` query parameter the inference, summary and reload endpoints share."""
+    return Field(
+        None,
         description="The model to ask: final (FinalModel, the default) or lite (LiteModel, "
         "when its weights are configured).",
         examples=["final", "lite"],
-    ),
-]
+    )
+
+
+class StrictQuery(BaseModel):
+    """Query parameters an endpoint takes: an unknown one (a misspelt `topk`) is answered with 422,
+    not silently ignored. The admission middleware reads `model` itself (`requested_model`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class PredictQuery(StrictQuery):
+    top_k: int | None = Field(
+        None, ge=1, le=MAX_TOP_K, description="Classes to list per image (default: CIFAR10_TOP_K, 3)."
+    )
+    model: str | None = model_field()
+
+
+class SummaryQuery(StrictQuery):
+    format: Literal["json", "text"] = Field(
+        "json", description="text: the layer table in torchsummary's layout."
+    )
+    model: str | None = model_field()
 
 
 def requested_model(scope: Scope) -> str | None:
@@ -86,16 +109,12 @@ async def predict(
         list[UploadFile],
         File(alias="file", min_length=1, description="One or more image files; repeat the field."),
     ],
-    top_k: Annotated[
-        int | None,
-        Query(ge=1, le=MAX_TOP_K, description="Classes to list per image (default: CIFAR10_TOP_K, 3)."),
-    ] = None,
-    model: ModelQuery = None,
+    query: Annotated[PredictQuery, Query()],
 ) -> PredictResponse:
     uploads = [Upload(f.filename or None, f.file, f.size) for f in files]
     arrival = getattr(request.state, "arrival", None)  # set by AdmissionMiddleware
-    top_k = top_k or service.settings.top_k
-    return predict_response(await service.classify(uploads, top_k, arrival, model))
+    top_k = query.top_k or service.settings.top_k
+    return predict_response(await service.classify(uploads, top_k, arrival, query.model))
 
 
 @model_router.get(
@@ -109,18 +128,15 @@ async def predict(
 )
 async def model_summary(
     service: ServiceDep,
-    format: Annotated[
-        Literal["json", "text"], Query(description="text: the layer table in torchsummary's layout.")
-    ] = "json",
-    model: ModelQuery = None,
+    query: Annotated[SummaryQuery, Query()],
 ) -> ModelSummary | PlainTextResponse:
     if not service.ready:
         raise service.not_ready()
-    if format == "text":
-        loaded = service.loaded(model)
+    if query.format == "text":
+        loaded = service.loaded(query.model)
         table = format_layer_table(loaded.layers, loaded.total_params, loaded.trainable_params)
         return PlainTextResponse(table + "\n")
-    return build_summary(service, model)
+    return build_summary(service, query.model)
 
 
 @ops_router.get("/health/live", response_model=Health, summary="The process is up (it may still be loading)")

@@ -161,6 +161,22 @@ def test_bad_top_k_is_422(client, top_k):
     assert body["fields"][0]["loc"] == ["query", "top_k"]
 
 
+@pytest.mark.parametrize(
+    "method, path, params, unknown, takes",
+    [
+        ("POST", "/predict", {"topk": "5"}, "'topk'", "top_k, model"),
+        ("POST", "/predict", {"top_k": "2", "modle": "lite"}, "'modle'", "top_k, model"),
+        ("GET", "/model/summary", {"formt": "text", "x": "1"}, "'formt', 'x'", "format, model"),
+    ],
+)
+def test_an_unknown_query_parameter_is_422_not_ignored(client, method, path, params, unknown, takes):
+    files = [("file", ("a.png", png_bytes(0)))] if method == "POST" else None
+    r = client.request(method, path, params=params, files=files)
+    body = assert_error(r, 422, "invalid_request", "unknown query parameter", unknown, f"takes: {takes}")
+    named = [f["loc"] for f in body["fields"] if f["type"] == "extra_forbidden"]
+    assert named == [["query", name] for name in params if name not in takes.split(", ")]
+
+
 def test_unknown_path_and_wrong_method_are_json(client):
     assert_error(client.get("/nope"), 404, "not_found", "/nope")
     assert_error(client.get("/predict"), 405, "method_not_allowed", "GET")

@@ -159,6 +159,14 @@ def test_the_path_is_given_once(serve, weights, other_weights):
         assert r.status_code == 422 and r.json()["code"] == "invalid_request"
 
 
+def test_a_misspelt_query_parameter_reloads_nothing(serve, other_weights):
+    with serve(admin_token=TOKEN) as client:
+        live = client.get("/model/summary").json()["sha256"]
+        r = client.post("/admin/reload", params={"paht": str(other_weights)}, headers=AUTH)
+        assert r.status_code == 422 and "unknown query parameter 'paht'" in r.json()["detail"]
+        assert client.get("/model/summary").json()["sha256"] == live
+
+
 def test_no_request_fails_or_mixes_weights_while_weights_swap(serve, weights, other_weights):
     """Clients post 3-image requests (batches of 2, so a request spans batches) while the weights
     swap back and forth: every answer is a 200 whose every image was classified by the weights its
