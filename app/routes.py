@@ -40,7 +40,8 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
 def model_field() -> Any:
-    """The `model` query parameter the inference, summary and reload endpoints share."""
+    """The `model` query parameter the inference, summary and reload endpoints share; the admission
+    middleware reads the same parameter from the raw query (`requested_model`) to queue the request."""
     return Field(
         None,
         description="The model to ask: final (FinalModel, the default) or lite (LiteModel, "
@@ -51,7 +52,7 @@ def model_field() -> Any:
 
 class StrictQuery(BaseModel):
     """Query parameters an endpoint takes: an unknown one (a misspelt `topk`) is answered with 422,
-    not silently ignored. The admission middleware reads `model` itself (`requested_model`)."""
+    not silently ignored."""
 
     model_config = ConfigDict(extra="forbid")
 
