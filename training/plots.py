@@ -13,14 +13,26 @@ import torch  # noqa: E402
 from app.model import CLASSES  # noqa: E402
 
 
+def accuracy_series(history: list[dict]) -> dict[str, list[float]]:
+    """The accuracy curves (percent) by legend label. A run with a weight average (`--ema`) has
+    validated both the average and the raw weights every epoch: both are drawn."""
+    series = {"train (augmented)": [100 * h["train_acc"] for h in history]}
+    if any("val_acc_raw" in h for h in history):
+        series["validation (weight average)"] = [100 * h["val_acc"] for h in history]
+        series["validation (raw weights)"] = [100 * h.get("val_acc_raw", float("nan")) for h in history]
+    else:
+        series["validation"] = [100 * h["val_acc"] for h in history]
+    return series
+
+
 def plot_curves(history: list[dict], path: Path) -> None:
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(15, 4))
-    ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train")
-    ax_loss.plot(epochs, [h["val_loss"] for h in history], label="validation")
-    ax_loss.set(title="Loss (label-smoothed cross-entropy)", xlabel="epoch")
-    ax_acc.plot(epochs, [100 * h["train_acc"] for h in history], label="train (augmented)")
-    ax_acc.plot(epochs, [100 * h["val_acc"] for h in history], label="validation")
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train (the training objective)")
+    ax_loss.plot(epochs, [h["val_loss"] for h in history], label="validation (cross-entropy)")
+    ax_loss.set(title="Loss", xlabel="epoch")
+    for label, values in accuracy_series(history).items():
+        ax_acc.plot(epochs, values, label=label)
     ax_acc.set(title="Accuracy (%)", xlabel="epoch")
     ax_lr.plot(epochs, [h["lr"] for h in history])
     ax_lr.set(title="Learning rate at epoch end", xlabel="epoch")
