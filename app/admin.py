@@ -2,11 +2,11 @@
 
     curl -X POST -H "Authorization: Bearer $CIFAR10_ADMIN_TOKEN" localhost:8000/admin/reload
 
-`?model=lite` reloads the small model (CIFAR10_LITE_WEIGHTS by default). The same reload runs on
-SIGHUP (see `app.main`), for every served model. The path is one the server reads, so only
-an operator holding the admin token may name it; the file is loaded with weights_only=True, so
-even a hostile file cannot run code, and it must pass every check before it serves.
-"""
+`?model=lite` and `?model=best` reload those models (CIFAR10_LITE_WEIGHTS, CIFAR10_BEST_WEIGHTS by
+default). The same reload runs on SIGHUP (see `app.main`), for every served model. The path is one
+the server reads, so only an operator holding the admin token may name it; the file is loaded with
+weights_only=True, so even a hostile file cannot run code, and it must pass every check before it
+serves."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class ReloadRequest(BaseModel):
 
 
 class ReloadResult(BaseModel):
-    model: str = Field(description="The model reloaded: final or lite.")
+    model: str = Field(description="The model reloaded: final, lite or best.")
     sha256: str = Field(description="sha256 of the weights now serving.")
     previous_sha256: str = Field(description="sha256 of the weights served before.")
     changed: bool = Field(description="False when the file loaded holds the weights already serving.")

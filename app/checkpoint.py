@@ -5,7 +5,8 @@ One file, loadable with ``torch.load(path, weights_only=True)``: a dict of tenso
     {
         "format": "cifar10-cnn/checkpoint",   # marks our own files
         "format_version": 1,
-        "model": "FinalModel",                # or "LiteModel" (app.model.ARCHITECTURES)
+        "model": "FinalModel",                # or "LiteModel", "AirbenchNet" (app.model.ARCHITECTURES)
+        "arch": {...},                        # AirbenchNet only: its keyword arguments
         "state_dict": {...},                  # the unwrapped model's tensors
         "classes": [...], "mean": [...], "std": [...], "input_shape": [3, 32, 32],
         "torch_version": str,
@@ -93,7 +94,8 @@ class CheckpointMeta(TrainingRecord, total=False):
 
     format: str  # FORMAT
     format_version: int  # FORMAT_VERSION
-    model: str  # a key of app.model.ARCHITECTURES: "FinalModel", "LiteModel"
+    model: str  # a key of app.model.ARCHITECTURES: "FinalModel", "LiteModel", "AirbenchNet"
+    arch: dict[str, Any]  # AirbenchNet's keyword arguments (widths, depth, stem...), for that model only
     classes: list[str]  # app.model.CLASSES
     mean: list[float]  # the normalisation trained with: app.model.MEAN, STD (checked on load)
     std: list[float]
@@ -241,8 +243,16 @@ def build_model(ckpt: Checkpoint, expect: str | None = None) -> torch.nn.Module:
     if expect is not None and name != expect:
         raise CheckpointError(f"weights file {ckpt.path} holds a {name}, not {expect}")
     architecture = ARCHITECTURES[name]
-    dropout = ckpt.meta.get("config", {}).get("dropout", None)
-    model = architecture() if dropout is None else architecture(dropout=float(dropout))
+    if "arch" in ckpt.meta:  # an AirbenchNet records its shape
+        try:
+            model = architecture(**ckpt.meta["arch"])
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(
+                f"weights file {ckpt.path} records an unusable {name} shape ({exc})"
+            ) from None
+    else:
+        dropout = ckpt.meta.get("config", {}).get("dropout", None)
+        model = architecture() if dropout is None else architecture(dropout=float(dropout))
     expected = model.state_dict()
     missing = sorted(set(expected) - set(ckpt.state_dict))
     unexpected = sorted(set(ckpt.state_dict) - set(expected))

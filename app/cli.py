@@ -4,6 +4,7 @@
     cifar10-cnn predict cat.png --top-k 3 --json            # the service's JSON
     cifar10-cnn predict ship.jpg --url http://host:8000     # another service (or $CIFAR10_URL)
     cifar10-cnn predict samples/*.jpg --model lite          # the small model
+    cifar10-cnn predict samples/*.jpg --model best          # the most accurate model
     cifar10-cnn serve --port 8000                           # uvicorn app.main:app
 
 Exit status: 0 answered, 1 the service refused or could not be reached, 2 a usage error or a
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--top-k", type=int, default=3, help="classes per image, 1-10 (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the service's predictions as JSON")
-    p.add_argument("--model", help="the model to ask: final or lite (default: the service's, final)")
+    p.add_argument("--model", help="the model to ask: final, lite or best (default: the service's, final)")
     p.add_argument(
         "--api-key",
         default=os.environ.get("CIFAR10_API_KEY"),

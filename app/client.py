@@ -106,7 +106,7 @@ class Client:
         self, images: Sequence[str | os.PathLike], top_k: int = 3, model: str | None = None
     ) -> list[dict[str, Any]]:
         """One prediction per image file ({filename, label, index, confidence, top_k}), in order,
-        from `model` ("final", "lite"; default: the service's default).
+        from `model` ("final", "lite", "best"; default: the service's default).
 
         Files go `CHUNK` to a request; every file is read before the first request is sent.
         """

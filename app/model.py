@@ -12,6 +12,7 @@ so every path sees the same labels and the same normalisation.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -144,9 +145,103 @@ class LiteModel(nn.Module):
         return self.fc(self.gap(x).flatten(1))  # (N, 10) logits
 
 
+WHITEN_KERNEL = 2
+WHITEN_WIDTH = 2 * 3 * WHITEN_KERNEL**2  # 12 whitening filters and their negatives
+
+
+class _BatchNorm(nn.BatchNorm2d):
+    """BatchNorm whose scale may be frozen at 1 (airbench trains only the bias)."""
+
+    def __init__(self, c: int, eps: float, momentum: float, scale: bool):
+        super().__init__(c, eps=eps, momentum=momentum)
+        self.weight.requires_grad_(scale)
+
+
+class ConvGroup(nn.Module):
+    """conv 3x3 -> 2x2 max-pool -> BN -> GELU, then one conv-BN-GELU (depth 2) or a residual pair
+    of them (depth 3, airbench96's block): halves the map."""
+
+    def __init__(self, c_in: int, c_out: int, depth: int, bn: dict[str, Any]):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        self.pool = nn.MaxPool2d(2)
+        self.norm1 = _BatchNorm(c_out, **bn)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.norm2 = _BatchNorm(c_out, **bn)
+        self.residual = depth == 3
+        if self.residual:
+            self.conv3 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+            self.norm3 = _BatchNorm(c_out, **bn)
+        self.activ = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.activ(self.norm1(self.pool(self.conv1(x))))
+        y = self.activ(self.norm2(self.conv2(x)))
+        if self.residual:
+            y = self.activ(self.norm3(self.conv3(y)) + x)
+        return y
+
+
+class AirbenchNet(nn.Module):
+    """The airbench family (Jordan 2024, arXiv 2404.00498): served as model `best` and used as the
+    distillation teacher. (N, 3, 32, 32) normalised images -> (N, 10) logits.
+
+    A stem (airbench's frozen 2x2 whitening conv with a trained bias, then GELU; or, with
+    `stem` > 0, a trained 3x3 conv-BN-GELU of that width), three ConvGroups that halve the map
+    (31 -> 15 -> 7 -> 3 with the whitening stem), a global max-pool and a bias-free linear layer
+    whose logits are scaled by `logit_scale`. airbench94: widths 64/256/256, depth 2 (1.97M
+    parameters); airbench96: 128/384/512, depth 3.
+    """
+
+    def __init__(
+        self,
+        widths: tuple[int, int, int] | list[int] = (64, 256, 256),
+        depth: int = 2,
+        stem: int = 0,
+        logit_scale: float = 1 / 9,
+        bn_eps: float = 1e-12,
+        bn_momentum: float = 0.4,
+        bn_scale: bool = False,
+        num_classes: int = len(CLASSES),
+    ):
+        super().__init__()
+        if len(widths) != 3 or min(widths) < 1 or depth not in (2, 3) or stem < 0:
+            raise ValueError(f"AirbenchNet needs three positive widths, depth 2 or 3 and stem >= 0: {widths}")
+        bn: dict[str, Any] = {"eps": bn_eps, "momentum": bn_momentum, "scale": bn_scale}
+        if stem:
+            self.stem = nn.Sequential(
+                nn.Conv2d(3, stem, 3, padding=1, bias=False), _BatchNorm(stem, **bn), nn.GELU()
+            )
+        else:
+            whiten = nn.Conv2d(3, WHITEN_WIDTH, WHITEN_KERNEL, padding=0, bias=True)
+            whiten.weight.requires_grad_(False)  # set from the data's patch statistics, never trained
+            self.stem = nn.Sequential(whiten, nn.GELU())
+        chans = [stem or WHITEN_WIDTH, *widths]
+        self.groups = nn.Sequential(
+            *(ConvGroup(a, b, depth, bn) for a, b in zip(chans, chans[1:], strict=False))
+        )
+        self.fc = nn.Linear(widths[-1], num_classes, bias=False)
+        self.logit_scale = logit_scale
+
+    @property
+    def whitening(self) -> nn.Conv2d | None:
+        """The whitening conv, or None with a trained conv stem."""
+        conv = self.stem[0]
+        return conv if isinstance(conv, nn.Conv2d) and conv.kernel_size == (WHITEN_KERNEL,) * 2 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.groups(self.stem(x))  # (N, C, 3, 3) with the whitening stem, (N, C, 4, 4) without
+        x = torch.amax(x, dim=(2, 3))  # global max-pool -> (N, C)
+        return self.fc(x) * self.logit_scale
+
+
 # The networks a checkpoint may hold, by the name it records; training's --model picks by key.
-ARCHITECTURES: dict[str, type[nn.Module]] = {"FinalModel": FinalModel, "LiteModel": LiteModel}
-MODEL_KEYS: dict[str, str] = {"final": "FinalModel", "lite": "LiteModel"}
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "FinalModel": FinalModel,
+    "LiteModel": LiteModel,
+    "AirbenchNet": AirbenchNet,
+}
+MODEL_KEYS: dict[str, str] = {"final": "FinalModel", "lite": "LiteModel", "best": "AirbenchNet"}
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -44,9 +44,9 @@ def model_field() -> Any:
     middleware reads the same parameter from the raw query (`requested_model`) to queue the request."""
     return Field(
         None,
-        description="The model to ask: final (FinalModel, the default) or lite (LiteModel, "
-        "when its weights are configured).",
-        examples=["final", "lite"],
+        description="The model to ask: final (FinalModel, the default), lite (LiteModel, the "
+        "smallest) or best (AirbenchNet, the most accurate), when their weights are configured.",
+        examples=["final", "lite", "best"],
     )
 
 

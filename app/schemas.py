@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-MODEL_ID = "The name to ask for it by: final (the default) or lite, in ?model= and /v2/models/."
+MODEL_ID = "The name to ask for it by: final (the default), lite or best, in ?model= and /v2/models/."
 
 
 class ClassProbability(BaseModel):
@@ -23,7 +23,7 @@ class Prediction(BaseModel):
 
 
 class ModelRef(BaseModel):
-    name: str = Field(description="The network: FinalModel or LiteModel.")
+    name: str = Field(description="The network: FinalModel, LiteModel or AirbenchNet.")
     id: str = Field(description=MODEL_ID)
     sha256: str = Field(description="sha256 of the weights file that made these predictions.")
     device: str
@@ -76,7 +76,7 @@ class InferenceInfo(BaseModel):
 
 
 class ModelSummary(BaseModel):
-    model: str = Field(description="The network: FinalModel or LiteModel.")
+    model: str = Field(description="The network: FinalModel, LiteModel or AirbenchNet.")
     id: str = Field(description=MODEL_ID)
     total_params: int
     trainable_params: int

@@ -4,14 +4,14 @@
 and its kinds); it knows nothing of HTTP. The HTTP edge (`app.edge`) turns both into answers:
 statuses, error bodies, Retry-After, response models.
 
-Two models may be served side by side, by name (`ModelSlot`): `final` (FinalModel, the default)
-and `lite` (LiteModel, when its weights are configured). Each slot has its own queue and batcher,
-since a batch runs one network, and one attribute that holds an immutable `LoadedModel`, whose
-`Predictor` (`app.predictor`: PyTorch or ONNX Runtime) runs the forward pass; every batch reads it
-once, so `swap()` replaces model and predictor atomically while requests keep flowing. `reload()`
-(POST /admin/reload, SIGHUP) loads, checks, builds the predictor for and warms a new
-checkpoint off to the side and only then swaps it in; a file that fails any check is refused
-and the old weights keep serving.
+Up to three models are served side by side, by name (`ModelSlot`): `final` (FinalModel, the
+default), and, when their weights are configured, `lite` (LiteModel) and `best` (AirbenchNet). Each
+slot has its own queue and batcher, since a batch runs one network, and one attribute that holds an
+immutable `LoadedModel`, whose `Predictor` (`app.predictor`: PyTorch or ONNX Runtime) runs the
+forward pass; every batch reads it once, so `swap()` replaces model and predictor atomically while
+requests keep flowing. `reload()` (POST /admin/reload, SIGHUP) loads, checks, builds the predictor
+for and warms a new checkpoint off to the side and only then swaps it in; a file that fails any
+check is refused and the old weights keep serving.
 
 Lifecycle (`State`): starting -> ready -> draining (SIGTERM: readiness and new requests are
 refused while the admitted ones finish, see `drain()`) -> stopping.
@@ -58,6 +58,8 @@ INLINE_DECODE_PIXELS = 256 * 256
 
 # The model a request gets when it names none.
 DEFAULT_MODEL = "final"
+# Each model's name -> the setting naming its weights file; all but the default are optional.
+WEIGHTS_SETTINGS = {DEFAULT_MODEL: "weights", "lite": "lite_weights", "best": "best_weights"}
 
 # Builds the predictor for a model already on its device; tests hand the service a fake one.
 PredictorFactory = Callable[[torch.nn.Module, torch.device], Predictor]
@@ -138,8 +140,8 @@ class LoadedModel:
 
     predictor: Predictor
     device: torch.device
-    name: str  # what clients call it: "final", "lite"
-    architecture: str  # the network: "FinalModel", "LiteModel"
+    name: str  # what clients call it: "final", "lite", "best"
+    architecture: str  # the network: "FinalModel", "LiteModel", "AirbenchNet"
     sha256: str
     weights_file: str
     meta: dict[str, Any]
@@ -168,7 +170,7 @@ def load_model(
     make_predictor: PredictorFactory | None = None,
     name: str = DEFAULT_MODEL,
 ) -> LoadedModel:
-    """Read and check a checkpoint of model `name` ("final", "lite"), put its network on `device`
+    """Read and check a checkpoint of model `name` ("final", "lite", "best"), put its network on `device`
     and build its predictor.
 
     Raises CheckpointError for a file that fails a check: besides those of `load_checkpoint` and
@@ -238,7 +240,7 @@ def _warmup_image() -> bytes:
 class ModelSlot:
     """One served model: the name clients use, its weights file, its own queue and the loaded model."""
 
-    name: str  # "final", "lite"
+    name: str  # "final", "lite", "best"
     weights: Path  # the configured file: startup, SIGHUP and a reload without a path read it
     loaded: LoadedModel | None = None  # None until the first load
     batcher: DynamicBatcher | None = None
@@ -259,9 +261,11 @@ class ModelService:
         self._make_predictor = self._configured_predictor if make_predictor is None else make_predictor
         # Decided here, before loading, so that the routes for every model can be declared up front.
         self._slots = {DEFAULT_MODEL: ModelSlot(DEFAULT_MODEL, settings.weights)}
-        lite = settings.lite_weights
-        if lite is not None and (lite.exists() or "lite_weights" in settings.model_fields_set):
-            self._slots["lite"] = ModelSlot("lite", lite)  # a file named on purpose must load
+        for name, setting in WEIGHTS_SETTINGS.items():
+            path = getattr(settings, setting)
+            named = setting in settings.model_fields_set  # a file named on purpose must load
+            if name != DEFAULT_MODEL and path is not None and (path.exists() or named):
+                self._slots[name] = ModelSlot(name, path)
         for name in self._slots:  # every served model's reload counters exist from the start, at 0
             for outcome in RELOAD_OUTCOMES:
                 metrics.reloads.labels(name, outcome)
@@ -328,7 +332,7 @@ class ModelService:
         warm_up_s: dict[str, float] = {}
         for slot in self._slots.values():
             started = time.perf_counter()
-            setting = env_name("weights" if slot.name == DEFAULT_MODEL else "lite_weights")
+            setting = env_name(WEIGHTS_SETTINGS[slot.name])
             try:
                 loaded = load_model(slot.weights, self.device, self._make_predictor, slot.name)
             except CheckpointError as exc:

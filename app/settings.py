@@ -43,6 +43,12 @@ class Settings(BaseSettings):
         "/v2/models/lite). Skipped when the default file is absent; a file set on purpose must load; "
         "empty: no lite model.",
     )
+    best_weights: Path | None = Field(
+        Path("weights/best_model.pt"),
+        description="AirbenchNet checkpoint (python -m training.teacher) served beside FinalModel as "
+        "model 'best', the most accurate (/predict?model=best, /v2/models/best). Skipped when the "
+        "default file is absent; a file set on purpose must load; empty: no best model.",
+    )
     device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
 
     backend: Literal["auto", "pytorch", "onnxruntime"] = Field(
@@ -171,7 +177,7 @@ class Settings(BaseSettings):
             raise ValueError(f"must be one of {', '.join(DEVICE_CHOICES)} or cuda:N, not {value!r}")
         return value
 
-    @field_validator("lite_weights", mode="before")
+    @field_validator("lite_weights", "best_weights", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value

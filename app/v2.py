@@ -2,7 +2,7 @@
 
     GET  /v2                          server metadata (extensions: binary_tensor_data)
     GET  /v2/health/live, /v2/health/ready
-    GET  /v2/models/final             model metadata: its input and outputs (and lite, when served)
+    GET  /v2/models/final             model metadata: its input and outputs (and lite, best, when served)
     GET  /v2/models/final/ready
     POST /v2/models/final/infer       input `image` (BYTES, [N]): N encoded image files;
                                       outputs `probabilities` (FP32, [N, 10]), `label` (BYTES, [N])
@@ -73,7 +73,7 @@ class ServedModel:
 
 def served_models(service: ModelService) -> dict[str, ServedModel]:
     """The models /v2 serves, by the service's names: `final` (FinalModel) and, when configured,
-    `lite` (LiteModel)."""
+    `lite` (LiteModel) and `best` (AirbenchNet)."""
     return {name: ServedModel(name, service) for name in service.model_names}
 
 

@@ -34,10 +34,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.model import FinalModel  # noqa: E402
+from app.model import AirbenchNet, FinalModel  # noqa: E402
 from app.preprocess import normalize  # noqa: E402
 from training.data import Split, load_cifar10  # noqa: E402
-from training.teacher import TeacherNet, parse_widths  # noqa: E402
+from training.teacher import parse_widths  # noqa: E402
 from training.train import Runtime, TrainConfig, train_one_epoch  # noqa: E402
 
 
@@ -149,13 +149,15 @@ def compare_compile(data: Split, batch: int, dropout: float, steps: int, cores: 
         )
 
 
-def compare_distill(data: Split, batch: int, dropout: float, steps: int, amp: bool, widths: str) -> None:
+def compare_distill(
+    data: Split, batch: int, dropout: float, steps: int, amp: bool, widths: str, depth: int
+) -> None:
     """Plain, distilled, plain again, in one single-thread process with the CPU defaults
     (channels_last; bf16 only where the CPU has it): one DDP rank. The teacher has random
     weights: its forward pass costs what a trained one's does."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    teacher = TeacherNet(parse_widths(widths)).eval().requires_grad_(False)
+    teacher = AirbenchNet(parse_widths(widths), depth).eval().requires_grad_(False)
     teacher = teacher.to(memory_format=torch.channels_last)
     params = sum(p.numel() for p in teacher.parameters())
     plain, again, distilled, ratio = against_baseline(
@@ -197,8 +199,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument(
         "--teacher-widths",
-        default="32,64,256,256",
-        help="--distill's teacher: stem and group widths as in python -m training.teacher",
+        default="64,256,256",
+        help="--distill's teacher: group widths as in python -m training.teacher",
+    )
+    p.add_argument(
+        "--teacher-depth", type=int, default=2, help="--distill's teacher: convs per group (2 or 3)"
     )
     p.add_argument(
         "--smoke",
@@ -236,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         compare_compile(data, b, d, args.steps, cores)
         return
     if args.distill:  # the CPU's defaults: bf16 only where the CPU has it natively
-        compare_distill(data, b, d, args.steps, bf16, args.teacher_widths)
+        compare_distill(data, b, d, args.steps, bf16, args.teacher_widths, args.teacher_depth)
         return
 
     rows = []

@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_service(
     args, device: torch.device, files: list, logits: torch.Tensor, labels: torch.Tensor, model_key: str
 ) -> dict:
-    """Served labels of model `model_key` ("final", "lite") against `logits`' argmax for the same
+    """Served labels of model `model_key` ("final", "lite", "best") against `logits`' argmax for the same
     files; prints a summary and disagreements."""
     started = time.perf_counter()
     service: AbstractContextManager[str]

@@ -66,7 +66,7 @@ def _post(url: str, files: Sequence[Path], timeout: float, model: str) -> list[i
 def served_labels(
     url: str, files: Sequence[Path], model: str = "final", concurrency: int = 4, timeout: float = 60.0
 ) -> list[int]:
-    """The label model `model` ("final", "lite") of the service gives each file, in order
+    """The label model `model` ("final", "lite", "best") of the service gives each file, in order
     (FILES_PER_REQUEST files a request)."""
     chunks = [files[i : i + FILES_PER_REQUEST] for i in range(0, len(files), FILES_PER_REQUEST)]
     with ThreadPoolExecutor(concurrency) as pool:
@@ -85,11 +85,13 @@ def local_service(
     model: str = "final",
 ) -> Iterator[str]:
     """`uvicorn app.main:app` on a free loopback port serving `weights` as model `model` ("final",
-    "lite") with the given backend, precision and layout (the service's settings); yields its base
-    URL. For "lite" the default model is the service's own default, shipped FinalModel."""
-    served = {"CIFAR10_WEIGHTS": str(weights), "CIFAR10_LITE_WEIGHTS": ""}  # no lite model to load
-    if model == "lite":
-        served = {"CIFAR10_LITE_WEIGHTS": str(weights)}
+    "lite", "best") with the given backend, precision and layout (the service's settings), and no
+    other optional model; yields its base URL. For "lite" and "best" the default model is the
+    service's own default, shipped FinalModel."""
+    served = {"CIFAR10_WEIGHTS": str(weights), "CIFAR10_LITE_WEIGHTS": "", "CIFAR10_BEST_WEIGHTS": ""}
+    if model != "final":
+        del served["CIFAR10_WEIGHTS"]
+        served[f"CIFAR10_{model.upper()}_WEIGHTS"] = str(weights)
     env = {
         **served,
         "CIFAR10_DEVICE": device,

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 
 from app.checkpoint import save_checkpoint
 from app.main import create_app
-from app.model import FinalModel, LiteModel
+from app.model import AirbenchNet, FinalModel, LiteModel
 from app.predictor import Predictor, build_predictor
 from app.preprocess import normalize
 from app.settings import ENV_PREFIX, Settings
@@ -33,9 +33,15 @@ CHECKPOINT_META = {
 }
 
 
-def distinct_model(seed: int = 0, architecture: type[torch.nn.Module] = FinalModel) -> torch.nn.Module:
+# A small AirbenchNet (the served `best` model's network) for quick tests: its shape is in the checkpoint.
+SMALL_AIRBENCH = {"widths": [8, 16, 16], "depth": 3, "bn_momentum": 0.1}
+
+
+def distinct_model(
+    seed: int = 0, architecture: type[torch.nn.Module] = FinalModel, **arch
+) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = architecture()
+    model = architecture(**arch)
     generator = torch.Generator().manual_seed(seed)
     low = torch.rand(64, 3, 4, 4, generator=generator)
     images = torch.nn.functional.interpolate(low, size=32, mode="bilinear", align_corners=False)
@@ -102,6 +108,16 @@ def lite_weights(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def best_weights(tmp_path_factory) -> Path:
+    """A small AirbenchNet checkpoint, for the service's third model, `best`."""
+    path = tmp_path_factory.mktemp("weights") / "best.pt"
+    save_checkpoint(
+        path, distinct_model(2, AirbenchNet, **SMALL_AIRBENCH), arch=SMALL_AIRBENCH, **CHECKPOINT_META
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
 def make_settings(weights):
     """Settings for a small, quick service on the CPU; keyword arguments override."""
 
@@ -109,6 +125,7 @@ def make_settings(weights):
         values = dict(
             weights=weights,
             lite_weights=None,  # tests that serve the small model set it
+            best_weights=None,  # and the best model
             device="cpu",
             workers=1,
             torch_threads=1,

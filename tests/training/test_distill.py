@@ -15,17 +15,17 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from app.checkpoint import load_checkpoint
-from app.model import CLASSES, FinalModel
+from app.model import CLASSES, AirbenchNet, FinalModel
 from app.preprocess import normalize
 from training.data import Split
-from training.teacher import TeacherNet, load_teacher
+from training.teacher import load_teacher
 from training.teacher import main as teacher_main
 from training.train import Runtime, TrainConfig, averaged_model, training_loss
 
 from .conftest import REPO, SUBPROCESS_TIMEOUT
 
 TINY = ["--val-size", "20", "--batch-size", "20"]
-TINY_TEACHER = [*TINY, "--widths", "8,16,16,16", "--lr", "0.05"]
+TINY_TEACHER = [*TINY, "--widths", "8,16,16", "--lr", "0.05"]
 
 
 def run_module(module: str, *args: str, timeout: float = SUBPROCESS_TIMEOUT) -> subprocess.CompletedProcess:
@@ -76,7 +76,8 @@ def teacher(tiny_data, tmp_path_factory):
 @pytest.mark.slow
 def test_teacher_writes_a_weights_only_checkpoint_with_its_split(teacher):
     blob = torch.load(teacher, weights_only=True)  # no pickled objects
-    assert blob["val_size"] == 20 and blob["seed"] == 0 and blob["widths"] == [8, 16, 16, 16]
+    assert blob["val_size"] == 20 and blob["seed"] == 0 and blob["widths"] == [8, 16, 16]
+    assert blob["model"] == "AirbenchNet" and blob["arch"]["widths"] == [8, 16, 16]
     assert set(blob["metrics"]) >= {"val_acc", "val_acc_tta", "test_acc"}
     assert len(blob["data_fingerprint"]) == 64
     model, meta = load_teacher(teacher)
@@ -86,8 +87,8 @@ def test_teacher_writes_a_weights_only_checkpoint_with_its_split(teacher):
     assert [h["epoch"] for h in history] == [1, 2]
 
 
-def test_default_teacher_is_about_two_million_parameters():
-    assert 1_900_000 < sum(p.numel() for p in TeacherNet().parameters()) < 2_100_000
+def test_default_teacher_is_airbench94_size():
+    assert sum(p.numel() for p in AirbenchNet().parameters()) == 1_972_792
 
 
 @pytest.mark.slow
