@@ -34,8 +34,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# run(images) -> one output per image; images is uint8 (N, 3, 32, 32).
-RunFn = Callable[[torch.Tensor], Sequence[Any]]
+# run(images, tags) -> one output per image; images is uint8 (N, 3, 32, 32), tags[i] the tag its
+# request was submitted with (what it asks beyond the forward pass, such as a heatmap).
+RunFn = Callable[[torch.Tensor, list[Any]], Sequence[Any]]
 # on_batch(batch_size, run_seconds, queue_wait_seconds_per_image): a hook for metrics.
 BatchHook = Callable[[int, float, list[float]], None]
 
@@ -62,6 +63,7 @@ class Job:
 
     images: torch.Tensor  # uint8 (k, 3, 32, 32)
     on_done: Callable[[list[ItemResult] | BaseException], None]  # called once, from a worker
+    tag: Any = None  # handed to `run` beside each of these images
     results: list[ItemResult | None] = field(default_factory=list)
     remaining: int = 0
     done: bool = False
@@ -186,14 +188,16 @@ class DynamicBatcher:
         images: torch.Tensor,
         on_done: Callable[[list[ItemResult] | BaseException], None],
         arrival: Arrival | None = None,
+        tag: Any = None,
     ) -> Job:
         """Queue a reserved request's images (uint8 (k, 3, 32, 32)); `on_done` gets the results.
 
-        `arrival`, the request's announcement if it made one, is settled in the same step.
+        `arrival`, the request's announcement if it made one, is settled in the same step; `tag`
+        reaches `run` beside each of the images.
         """
         if not ticket.open or len(images) != ticket.images:
             raise ValueError("submit needs an open ticket reserved for exactly these images")
-        job = Job(images, on_done, [None] * len(images), len(images))
+        job = Job(images, on_done, tag, [None] * len(images), len(images))
         now = time.perf_counter()
         with self._cond:
             ticket.open = False
@@ -276,7 +280,7 @@ class DynamicBatcher:
         started = time.perf_counter()
         try:
             images = torch.stack([item.job.images[item.index] for item in batch])
-            outputs = self.run(images)
+            outputs = self.run(images, [item.job.tag for item in batch])
             if len(outputs) != len(batch):
                 raise RuntimeError(f"run returned {len(outputs)} outputs for {len(batch)} images")
         except Exception as exc:
@@ -286,6 +290,8 @@ class DynamicBatcher:
             return
         run_s = time.perf_counter() - started
         waits = [started - item.queued_at for item in batch]
+        if self.on_batch is not None:  # before any answer goes out, so a client sees it counted
+            self.on_batch(len(batch), run_s, waits)
         for item, output, wait in zip(batch, outputs, waits, strict=True):
             job = item.job
             job.results[item.index] = ItemResult(output, wait, run_s, len(batch))
@@ -294,8 +300,6 @@ class DynamicBatcher:
                 complete = job.remaining == 0
             if complete:
                 self._finish(job, None)
-        if self.on_batch is not None:
-            self.on_batch(len(batch), run_s, waits)
 
     def _finish(self, job: Job, error: BaseException | None) -> None:
         with self._done_lock:

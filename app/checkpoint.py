@@ -39,7 +39,7 @@ from typing import Any, TypedDict
 
 import torch
 
-from app.model import ARCHITECTURES, CLASSES, INPUT_SHAPE, MEAN, MODEL_NAME, STD
+from app.model import ARCHITECTURES, CLASSES, INPUT_SHAPE, MEAN, MODEL_NAME, STD, StagedNet
 
 FORMAT = "cifar10-cnn/checkpoint"
 FORMAT_VERSION = 1
@@ -236,7 +236,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(state_dict=obj["state_dict"], meta=meta, sha256=sha, path=str(path))
 
 
-def build_model(ckpt: Checkpoint, expect: str | None = None) -> torch.nn.Module:
+def build_model(ckpt: Checkpoint, expect: str | None = None) -> StagedNet:
     """The checkpoint's network (FinalModel for a bare state_dict), eval mode, CPU, with its
     weights; refuses any mismatch, and any other network than `expect` when it is given."""
     name = ckpt.meta.get("model", expect or MODEL_NAME)  # a bare state_dict is whatever is expected

@@ -12,9 +12,11 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from app.calibration import public
 from app.errors import ApiError, FileProblem, error_response
 from app.model import CLASSES, INPUT_SHAPE, MEAN, STD
 from app.schemas import (
+    CalibrationInfo,
     ClassProbability,
     InferenceInfo,
     LayerInfo,
@@ -83,8 +85,10 @@ def install_service_errors(app: FastAPI) -> None:
 
 def predict_response(result: Classification) -> PredictResponse:
     predictions = []
-    for filename, probs in zip(result.filenames, result.probabilities, strict=True):
+    for filename, answer in zip(result.filenames, result.answers, strict=True):
+        probs = answer.probabilities
         order = sorted(range(len(probs)), key=probs.__getitem__, reverse=True)[: result.top_k]
+        explained = {} if answer.heatmap is None else {"heatmap": answer.heatmap}  # unset: left out
         predictions.append(
             Prediction(
                 filename=filename,
@@ -92,6 +96,9 @@ def predict_response(result: Classification) -> PredictResponse:
                 index=order[0],
                 confidence=probs[order[0]],
                 top_k=[ClassProbability(label=CLASSES[i], probability=probs[i]) for i in order],
+                unsure=answer.unsure,
+                ood_score=answer.ood_score,
+                **explained,
             )
         )
     loaded = result.model
@@ -113,6 +120,7 @@ def predict_response(result: Classification) -> PredictResponse:
 def model_summary(service: ModelService, model: str | None = None) -> ModelSummary:
     loaded, s = service.loaded(model), service.settings
     info = loaded.predictor.info
+    detector = loaded.calibration.detector
     return ModelSummary(
         model=loaded.architecture,
         id=loaded.name,
@@ -138,7 +146,14 @@ def model_summary(service: ModelService, model: str | None = None) -> ModelSumma
         sha256=loaded.sha256,
         weights_file=loaded.weights_file,
         loaded_at=loaded.loaded_at,
-        checkpoint=loaded.meta,
+        calibration=CalibrationInfo(
+            temperature=loaded.calibration.temperature,
+            calibrated="calibration" in loaded.meta,
+            unsure_detector=detector is not None,
+            ood_threshold=detector.threshold if detector is not None else None,
+            explain=loaded.model.cam_method,
+        ),
+        checkpoint=public(loaded.meta),
         serving=ServingInfo(
             batching=s.batching,
             max_batch_size=s.max_batch_size,

@@ -80,6 +80,12 @@ class Metrics:
             ["model", "label"],
             registry=registry,
         )
+        self.unsure = Counter(
+            f"{PREFIX}_unsure_predictions",
+            "Images the model flagged unsure (out of distribution), by model.",
+            ["model"],
+            registry=registry,
+        )
         self.rejected = Counter(
             f"{PREFIX}_rejected_requests",
             "Requests refused, by reason (the error code of the answer).",
@@ -151,12 +157,16 @@ class Metrics:
         for wait in waits:
             self.queue_wait_seconds.observe(wait)
 
-    def count_labels(self, indices: list[int], model: str) -> None:
+    def count_answers(self, answers: list[Any], model: str) -> None:
+        """Count each answer (`app.service.ImageAnswer`) by its label, and the unsure ones."""
         counters = self._label_counters.get(model)
         if counters is None:
             counters = self._label_counters[model] = [self.predictions.labels(model, c) for c in CLASSES]
-        for i in indices:
-            counters[i].inc()
+        for a in answers:
+            counters[max(range(len(a.probabilities)), key=a.probabilities.__getitem__)].inc()
+        flagged = sum(1 for a in answers if a.unsure)
+        if flagged:
+            self.unsure.labels(model).inc(flagged)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -71,7 +71,63 @@ def _separable(c_in: int, c_out: int, dropout: float) -> list[nn.Module]:
     ]
 
 
-class FinalModel(nn.Module):
+class StagedNet(nn.Module):
+    """A network run as stages, then a head that pools the last stage's map and maps it linearly
+    to the logits: what the service's unsure flag (statistics of every stage) and heatmaps (the
+    last map against the head's weights) read, from the same forward pass."""
+
+    cam_method = "cam"  # the heatmap: exact CAM for an average-pooled head
+    # the last map sits over the image's centre from this pixel on; None: it is stretched over it
+    map_offset: int | None = None
+
+    def stages(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def head(self, fmap: torch.Tensor) -> torch.Tensor:
+        """The last stage's map (N, C, h, w) -> logits (N, 10)."""
+        raise NotImplementedError
+
+    def class_weights(self) -> torch.Tensor:
+        """(10, C): logit c = class_weights[c] . pool(last map)."""
+        raise NotImplementedError
+
+    def forward_stages(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Every stage's output map, and the logits."""
+        maps = []
+        for stage in self.stages():
+            x = stage(x)
+            maps.append(x)
+        return maps, self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for stage in self.stages():
+            x = stage(x)
+        return self.head(x)
+
+
+class _AveragePooledNet(StagedNet):
+    """FinalModel's and LiteModel's shape: blocks c1-c4, global average pool, bias-free linear."""
+
+    c1: nn.Sequential
+    c2: nn.Sequential
+    c3: nn.Sequential
+    c4: nn.Sequential
+    gap: nn.AvgPool2d
+    fc: nn.Linear
+
+    map_offset = 6  # three unpadded dilated 3x3 convs trim 2 pixels a side each: 32 -> 20
+
+    def stages(self) -> list[nn.Module]:
+        return [self.c1, self.c2, self.c3, self.c4]
+
+    def head(self, fmap: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.gap(fmap).flatten(1))  # (N, C, 20, 20) -> (N, C) -> (N, 10) logits
+
+    def class_weights(self) -> torch.Tensor:
+        return self.fc.weight
+
+
+class FinalModel(_AveragePooledNet):
     """(N, 3, 32, 32) normalised images -> (N, 10) logits."""
 
     def __init__(self, dropout: float = DEFAULT_DROPOUT, num_classes: int = len(CLASSES)):
@@ -102,13 +158,8 @@ class FinalModel(nn.Module):
         self.gap = nn.AvgPool2d(kernel_size=20)  # the whole 20x20 map -> 1x1
         self.fc = nn.Linear(256, num_classes, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.c4(self.c3(self.c2(self.c1(x))))  # (N, 256, 20, 20)
-        x = self.gap(x).flatten(1)  # (N, 256)
-        return self.fc(x)  # (N, 10) logits
 
-
-class LiteModel(nn.Module):
+class LiteModel(_AveragePooledNet):
     """The original project's second target: under 50,000 parameters (47,648), FinalModel's blocks.
 
     The same pattern at smaller widths: conv units, a 1x1 squeeze, and a dilated shrink per block
@@ -139,10 +190,6 @@ class LiteModel(nn.Module):
         self.c4 = nn.Sequential(*_separable(32, 160, d))
         self.gap = nn.AvgPool2d(kernel_size=20)
         self.fc = nn.Linear(160, num_classes, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.c4(self.c3(self.c2(self.c1(x))))  # (N, 160, 20, 20)
-        return self.fc(self.gap(x).flatten(1))  # (N, 10) logits
 
 
 WHITEN_KERNEL = 2
@@ -182,7 +229,7 @@ class ConvGroup(nn.Module):
         return y
 
 
-class AirbenchNet(nn.Module):
+class AirbenchNet(StagedNet):
     """The airbench family (Jordan 2024, arXiv 2404.00498): served as model `best` and used as the
     distillation teacher. (N, 3, 32, 32) normalised images -> (N, 10) logits.
 
@@ -229,14 +276,23 @@ class AirbenchNet(nn.Module):
         conv = self.stem[0]
         return conv if isinstance(conv, nn.Conv2d) and conv.kernel_size == (WHITEN_KERNEL,) * 2 else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.groups(self.stem(x))  # (N, C, 3, 3) with the whitening stem, (N, C, 4, 4) without
-        x = torch.amax(x, dim=(2, 3))  # global max-pool -> (N, C)
-        return self.fc(x) * self.logit_scale
+    # Grad-CAM: for a max-pooled linear head its channel weights are class_weights (each channel's
+    # gradient reaches one position), so the map is relu(class_weights[c] . map), up to a scale.
+    cam_method = "grad-cam"
+
+    def stages(self) -> list[nn.Module]:
+        return [self.stem, *self.groups]
+
+    def head(self, fmap: torch.Tensor) -> torch.Tensor:
+        # (N, C, 3, 3) with the whitening stem, (N, C, 4, 4) without -> global max-pool -> (N, C)
+        return self.fc(torch.amax(fmap, dim=(2, 3))) * self.logit_scale
+
+    def class_weights(self) -> torch.Tensor:
+        return self.fc.weight * self.logit_scale
 
 
 # The networks a checkpoint may hold, by the name it records; training's --model picks by key.
-ARCHITECTURES: dict[str, type[nn.Module]] = {
+ARCHITECTURES: dict[str, type[StagedNet]] = {
     "FinalModel": FinalModel,
     "LiteModel": LiteModel,
     "AirbenchNet": AirbenchNet,

@@ -31,7 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
-from app.model import CLASSES, INPUT_SHAPE
+from app.calibration import Calibration, stage_statistics
+from app.explain import heatmaps
+from app.model import CLASSES, INPUT_SHAPE, StagedNet
 from app.preprocess import normalize
 
 log = logging.getLogger(__name__)
@@ -66,8 +68,18 @@ class PredictorInfo:
         )
 
 
+@dataclass(frozen=True)
+class Forward:
+    """One forward pass, in float32 on the CPU."""
+
+    logits: torch.Tensor  # (N, 10)
+    stats: torch.Tensor | None  # (N, D): app.calibration.stage_statistics, when asked for
+    fmap: torch.Tensor | None  # (N, C, h, w): the last stage's map, when asked for (heatmaps)
+
+
 class Predictor(ABC):
-    """FinalModel ready to run: uint8 (N, 3, 32, 32) images on the CPU -> float32 results on the CPU.
+    """A served network ready to run: uint8 (N, 3, 32, 32) images on the CPU -> float32 results
+    on the CPU.
 
     Thread-safe: several inference workers call one predictor at the same time.
     """
@@ -75,18 +87,18 @@ class Predictor(ABC):
     info: PredictorInfo
 
     @abstractmethod
+    def forward(self, images: torch.Tensor, stats: bool = True, fmap: bool = False) -> Forward:
+        """uint8 (N, 3, 32, 32) -> the logits, and the stage statistics and last map if asked for."""
+
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, 32, 32) -> float32 logits (N, 10) on the CPU."""
-
-    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, 32, 32) -> float32 class probabilities (N, 10) on the CPU."""
-        return torch.softmax(self.logits(images), dim=1)
+        return self.forward(images, stats=False).logits
 
 
 class TorchPredictor(Predictor):
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: StagedNet,
         device: torch.device,
         precision: str = "fp32",
         layout: str = "nchw",
@@ -111,28 +123,40 @@ class TorchPredictor(Predictor):
             layout=layout,
         )
 
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, stats: bool = True, fmap: bool = False) -> Forward:
         cast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self._autocast else nullcontext()
         with torch.inference_mode(), cast:
             x = normalize(images.to(self.device, non_blocking=True))
             if self._channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            return self.model(x).float().cpu()
+            if not (stats or fmap):
+                return Forward(self.model(x).float().cpu(), None, None)
+            maps, logits = self.model.forward_stages(x)
+            return Forward(
+                logits.float().cpu(),
+                stage_statistics(maps).cpu() if stats else None,
+                maps[-1].float().cpu() if fmap else None,
+            )
+
+
+OUTPUTS = ("logits", "stats", "fmap")  # the exported graph's outputs, in Forward's order
 
 
 class _Normalized(torch.nn.Module):
-    """normalize() and FinalModel as one graph: uint8 images in, logits out."""
+    """normalize() and the network as one graph: uint8 images in; logits, stage statistics and
+    the last map out (ONNX Runtime computes only the outputs a run asks for)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: StagedNet) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(normalize(images))
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        maps, logits = self.model.forward_stages(normalize(images))
+        return logits, stage_statistics(maps), maps[-1]
 
 
-def export_onnx(model: torch.nn.Module) -> bytes:
-    """FinalModel with its normalisation -> an ONNX model (bytes) with a dynamic batch dimension.
+def export_onnx(model: StagedNet) -> bytes:
+    """The network with its normalisation -> an ONNX model (bytes) with a dynamic batch dimension.
 
     The TorchScript-based exporter: it takes under a second for this model, where the
     torch.export-based one took about 25 s on the development machine (measured), which every
@@ -149,8 +173,8 @@ def export_onnx(model: torch.nn.Module) -> bytes:
             buffer,  # type: ignore[arg-type]  # a file object works too: the exporter writes to it
             dynamo=False,
             input_names=["images"],
-            output_names=["logits"],
-            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+            output_names=list(OUTPUTS),
+            dynamic_axes={"images": {0: "batch"}, **{name: {0: "batch"} for name in OUTPUTS}},
         )
     return buffer.getvalue()
 
@@ -165,7 +189,7 @@ def onnxruntime_available() -> bool:
 
 
 class OnnxPredictor(Predictor):
-    def __init__(self, model: torch.nn.Module, threads: int = 1) -> None:
+    def __init__(self, model: StagedNet, threads: int = 1) -> None:
         try:
             import onnxruntime as ort
         except ImportError:
@@ -186,10 +210,42 @@ class OnnxPredictor(Predictor):
         self._session = ort.InferenceSession(proto, options, providers=["CPUExecutionProvider"])
         self.info = PredictorInfo(backend="onnxruntime", precision="fp32", device="cpu", threads=threads)
 
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        batch = images.cpu().contiguous().numpy()
-        (out,) = self._session.run(None, {"images": batch})
-        return torch.from_numpy(out)
+    def forward(self, images: torch.Tensor, stats: bool = True, fmap: bool = False) -> Forward:
+        wanted = [name for name, want in zip(OUTPUTS, (True, stats, fmap), strict=True) if want]
+        results = self._session.run(wanted, {"images": images.cpu().contiguous().numpy()})
+        got = dict(zip(wanted, results, strict=True))
+        out = {name: torch.from_numpy(got[name]) if name in got else None for name in OUTPUTS}
+        return Forward(out["logits"], out["stats"], out["fmap"])  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Answers:
+    """What the service answers for a batch: calibrated probabilities, the unsure flag, heatmaps."""
+
+    probabilities: torch.Tensor  # (N, 10), softmax(logits / temperature)
+    ood_score: torch.Tensor | None  # (N,); None without a detector
+    unsure: torch.Tensor | None  # (N,) bool; None without a detector
+    heatmaps: torch.Tensor | None  # (N, 32, 32) in [0, 1] for the predicted classes, when asked for
+
+
+def answer(
+    predictor: Predictor,
+    model: StagedNet,
+    calibration: Calibration,
+    images: torch.Tensor,
+    explain: bool = False,
+) -> Answers:
+    """One forward pass -> the answers; the seam serving and evaluation share. Without `explain`
+    the last map is neither returned by the backend nor read."""
+    out = predictor.forward(images, stats=calibration.detector is not None, fmap=explain)
+    probabilities = calibration.probabilities(out.logits)
+    score = unsure = maps = None
+    if calibration.detector is not None and out.stats is not None:
+        score = calibration.detector.score(out.stats)
+        unsure = score > calibration.detector.threshold
+    if out.fmap is not None:
+        maps = heatmaps(model, out.fmap, probabilities.argmax(1))
+    return Answers(probabilities, score, unsure, maps)
 
 
 def default_backend(device: torch.device) -> str:
@@ -205,7 +261,7 @@ def default_layout(device: torch.device) -> str:
 
 
 def build_predictor(
-    model: torch.nn.Module,
+    model: StagedNet,
     device: torch.device,
     backend: str = "auto",
     precision: str = "auto",

@@ -62,6 +62,11 @@ class PredictQuery(StrictQuery):
         None, ge=1, le=MAX_TOP_K, description="Classes to list per image (default: CIFAR10_TOP_K, 3)."
     )
     model: str | None = model_field()
+    explain: Literal["cam"] | None = Field(
+        None,
+        description="cam: add a 32x32 heatmap per image of where the evidence for its label lies "
+        "(exact CAM for FinalModel and LiteModel, Grad-CAM for AirbenchNet).",
+    )
 
 
 class SummaryQuery(StrictQuery):
@@ -91,6 +96,7 @@ ops_router = APIRouter(tags=["operations"])
 @inference_router.post(
     "/predict",
     response_model=PredictResponse,
+    response_model_exclude_unset=True,  # heatmap only with ?explain=cam
     summary="Classify one or more images",
     responses=error_responses(400, 404, 413, 415, 422, 503),
     description=(
@@ -115,7 +121,8 @@ async def predict(
     uploads = [Upload(f.filename or None, f.file, f.size) for f in files]
     arrival = getattr(request.state, "arrival", None)  # set by AdmissionMiddleware
     top_k = query.top_k or service.settings.top_k
-    return predict_response(await service.classify(uploads, top_k, arrival, query.model))
+    result = await service.classify(uploads, top_k, arrival, query.model, explain=query.explain == "cam")
+    return predict_response(result)
 
 
 @model_router.get(
@@ -136,7 +143,7 @@ async def model_summary(
     if query.format == "text":
         loaded = service.loaded(query.model)
         table = format_layer_table(loaded.layers, loaded.total_params, loaded.trainable_params)
-        return PlainTextResponse(table + "\n")
+        return PlainTextResponse(f"{table}\nDevice Type - {loaded.device.type}\n")  # the original's line
     return build_summary(service, query.model)
 
 

@@ -11,15 +11,32 @@ MODEL_ID = "The name to ask for it by: final (the default), lite or best, in ?mo
 
 class ClassProbability(BaseModel):
     label: str
-    probability: float = Field(description="Softmax probability, 0 to 1.")
+    probability: float = Field(description="Calibrated probability, 0 to 1.")
 
 
 class Prediction(BaseModel):
     filename: str | None = Field(description="The uploaded file's name, if the client gave one.")
     label: str = Field(description="The most likely class.")
     index: int = Field(description="Its position in the class list (CIFAR-10 order), 0-9.")
-    confidence: float = Field(description="Its probability, 0 to 1.")
+    confidence: float = Field(
+        description="Its probability, 0 to 1, calibrated on validation images (temperature scaling): "
+        "of CIFAR-10-like images answered at confidence 0.8, about 80% are right."
+    )
     top_k: list[ClassProbability] = Field(description="The top_k most likely classes, most likely first.")
+    unsure: bool | None = Field(
+        description="true when the picture looks unlike the CIFAR-10 photos the model knows (ood_score "
+        "above the model's threshold, which leaves 95% of CIFAR-10 test images unflagged): the label is "
+        "then a guess. null when the model has no detector (see /model/summary)."
+    )
+    ood_score: float | None = Field(
+        description="How far the picture's statistics lie from the training images' (largest z-score "
+        "over the network's stages; higher is stranger). null when the model has no detector."
+    )
+    heatmap: list[list[float]] | None = Field(
+        default=None,
+        description="With ?explain=cam only: 32x32 rows, 0 to 1, of where the evidence for the label "
+        "lies in the 32x32 image the model saw (CAM, or Grad-CAM for AirbenchNet).",
+    )
 
 
 class ModelRef(BaseModel):
@@ -75,6 +92,14 @@ class InferenceInfo(BaseModel):
     layout: str = Field(description="Activation memory layout (PyTorch): nchw or channels_last.")
 
 
+class CalibrationInfo(BaseModel):
+    temperature: float = Field(description="Probabilities are softmax(logits / temperature); 1: not fitted.")
+    calibrated: bool = Field(description="Whether the checkpoint records a temperature fitted on validation.")
+    unsure_detector: bool = Field(description="Whether predictions carry ood_score and unsure.")
+    ood_threshold: float | None = Field(description="ood_score above it is unsure; null without a detector.")
+    explain: str = Field(description="The heatmap ?explain=cam returns: cam or grad-cam.")
+
+
 class ModelSummary(BaseModel):
     model: str = Field(description="The network: FinalModel, LiteModel or AirbenchNet.")
     id: str = Field(description=MODEL_ID)
@@ -91,6 +116,7 @@ class ModelSummary(BaseModel):
     sha256: str = Field(description="sha256 of the weights file.")
     weights_file: str
     loaded_at: str
+    calibration: CalibrationInfo
     checkpoint: dict[str, Any] = Field(
         description="The checkpoint's metadata: metrics (test_acc...), epoch, created_at, config... "
         "Empty for a bare state_dict."

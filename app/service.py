@@ -42,12 +42,21 @@ import torch
 from PIL import Image
 
 from app.batching import Arrival, BatcherClosed, DynamicBatcher, ItemResult, QueueFull
+from app.calibration import Calibration
 from app.checkpoint import CheckpointError, build_model, load_checkpoint
 from app.device import resolve_device
 from app.imaging import UploadError, read_upload
 from app.metrics import RELOAD_OUTCOMES, Metrics
-from app.model import CLASSES, INPUT_SHAPE, MODEL_KEYS, LayerRow, count_parameters, layer_table
-from app.predictor import Predictor, PredictorError, TorchPredictor, build_predictor, check_output
+from app.model import CLASSES, INPUT_SHAPE, MODEL_KEYS, LayerRow, StagedNet, count_parameters, layer_table
+from app.predictor import (
+    Answers,
+    Predictor,
+    PredictorError,
+    TorchPredictor,
+    answer,
+    build_predictor,
+    check_output,
+)
 from app.settings import Settings, env_name
 
 log = logging.getLogger(__name__)
@@ -58,11 +67,13 @@ INLINE_DECODE_PIXELS = 256 * 256
 
 # The model a request gets when it names none.
 DEFAULT_MODEL = "final"
+# The batcher tag of a request that asked for heatmaps.
+EXPLAIN_TAG = "cam"
 # Each model's name -> the setting naming its weights file; all but the default are optional.
 WEIGHTS_SETTINGS = {DEFAULT_MODEL: "weights", "lite": "lite_weights", "best": "best_weights"}
 
 # Builds the predictor for a model already on its device; tests hand the service a fake one.
-PredictorFactory = Callable[[torch.nn.Module, torch.device], Predictor]
+PredictorFactory = Callable[[StagedNet, torch.device], Predictor]
 
 
 class StartupError(Exception):
@@ -139,6 +150,8 @@ class LoadedModel:
     """A model ready to serve, with everything the summary and the answers report about it."""
 
     predictor: Predictor
+    model: StagedNet  # the network the predictor runs (its head's weights draw the heatmaps)
+    calibration: Calibration  # temperature and unsure detector, from the checkpoint
     device: torch.device
     name: str  # what clients call it: "final", "lite", "best"
     architecture: str  # the network: "FinalModel", "LiteModel", "AirbenchNet"
@@ -155,12 +168,16 @@ class LoadedModel:
         value = self.meta.get("metrics", {}).get("test_acc")
         return float(value) if isinstance(value, (int, float)) else None
 
+    def answer(self, images: torch.Tensor, explain: bool = False) -> Answers:
+        """uint8 (N, 3, 32, 32) -> calibrated probabilities, unsure flags, heatmaps if asked for."""
+        return answer(self.predictor, self.model, self.calibration, images, explain)
+
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, 32, 32) -> float32 class probabilities (N, 10) on the CPU."""
-        return self.predictor.probabilities(images)
+        """uint8 (N, 3, 32, 32) -> float32 calibrated class probabilities (N, 10) on the CPU."""
+        return self.answer(images).probabilities
 
 
-def _reference_predictor(model: torch.nn.Module, device: torch.device) -> Predictor:
+def _reference_predictor(model: StagedNet, device: torch.device) -> Predictor:
     return TorchPredictor(model, device)  # PyTorch fp32 NCHW: what evaluation reports by default
 
 
@@ -176,25 +193,38 @@ def load_model(
     Raises CheckpointError for a file that fails a check: besides those of `load_checkpoint` and
     `build_model` (format, architecture, classes, finite weights; a LiteModel is refused where a
     FinalModel is due and the other way round), one forward pass through the predictor on a fixed
-    image must give finite logits of shape (1, 10). Raises PredictorError when the predictor
-    cannot be built here.
+    image must give finite logits of shape (1, 10), and its calibration record must fit the
+    network. Raises PredictorError when the predictor cannot be built here.
     """
     architecture = MODEL_KEYS[name]
     ckpt = load_checkpoint(weights)
     model = build_model(ckpt, architecture)
+    try:
+        calibration = Calibration.from_meta(ckpt.meta)
+    except ValueError as exc:
+        raise CheckpointError(f"weights file {weights}: {exc}") from None
     layers = layer_table(model)  # measured on the CPU, before the move
     total, trainable = count_parameters(model)
     model.to(device)
     predictor = (_reference_predictor if make_predictor is None else make_predictor)(model, device)
     probe = torch.full((1, *INPUT_SHAPE), 128, dtype=torch.uint8)
-    problem = check_output(predictor.logits(probe), 1)
+    out = predictor.forward(probe, stats=True)
+    problem = check_output(out.logits, 1)
     if problem is not None:
         raise CheckpointError(
             f"weights file {weights} fails the test forward pass: logits of {problem}, "
             f"not finite ones of shape (1, {len(CLASSES)})"
         )
+    detector = calibration.detector
+    if detector is not None and out.stats is not None and sum(detector.sizes) != out.stats.shape[1]:
+        raise CheckpointError(
+            f"weights file {weights}: its unsure detector expects {sum(detector.sizes)} stage statistics, "
+            f"the network gives {out.stats.shape[1]}"
+        )
     return LoadedModel(
         predictor=predictor,
+        model=model,
+        calibration=calibration,
         device=device,
         name=name,
         architecture=architecture,
@@ -216,11 +246,32 @@ class Upload:
 
 
 @dataclass(frozen=True)
+class ImageAnswer:
+    """One image's answer."""
+
+    probabilities: list[float]  # 10, calibrated
+    ood_score: float | None  # None: the model has no unsure detector
+    unsure: bool | None
+    heatmap: list[list[float]] | None = None  # 32 x 32, with explain
+
+
+def image_answers(answers: Answers, explain: list[bool]) -> list[ImageAnswer]:
+    probabilities = answers.probabilities.tolist()
+    scores = answers.ood_score.tolist() if answers.ood_score is not None else [None] * len(probabilities)
+    unsure = answers.unsure.tolist() if answers.unsure is not None else [None] * len(probabilities)
+    maps = answers.heatmaps
+    return [
+        ImageAnswer(p, s, u, maps[i].round(decimals=3).tolist() if maps is not None and explain[i] else None)
+        for i, (p, s, u) in enumerate(zip(probabilities, scores, unsure, strict=True))
+    ]
+
+
+@dataclass(frozen=True)
 class Classification:
-    """The result of `classify`: per-image probabilities in upload order, and where they came from."""
+    """The result of `classify`: per-image answers in upload order, and where they came from."""
 
     filenames: list[str | None]
-    probabilities: list[list[float]]  # (k, 10)
+    answers: list[ImageAnswer]
     top_k: int
     model: LoadedModel  # the weights that made every one of these predictions
     decode_s: float
@@ -314,7 +365,7 @@ class ModelService:
     def batcher(self) -> DynamicBatcher | None:
         return self._slots[DEFAULT_MODEL].batcher
 
-    def _configured_predictor(self, model: torch.nn.Module, device: torch.device) -> Predictor:
+    def _configured_predictor(self, model: StagedNet, device: torch.device) -> Predictor:
         s = self.settings
         return build_predictor(model, device, s.backend, s.precision, s.layout, threads=self.torch_threads)
 
@@ -489,11 +540,14 @@ class ModelService:
 
     # -- inference --------------------------------------------------------------------------
 
-    def _run_batch(self, slot: ModelSlot, images: torch.Tensor) -> list[tuple[list[float], LoadedModel]]:
+    def _run_batch(
+        self, slot: ModelSlot, images: torch.Tensor, tags: list[Any]
+    ) -> list[tuple[ImageAnswer, LoadedModel]]:
         loaded = slot.loaded  # read once: a swap takes effect from the next batch
         assert loaded is not None
-        probs = loaded.probabilities(images)
-        return [(row, loaded) for row in probs.tolist()]
+        explain = [tag == EXPLAIN_TAG for tag in tags]
+        answers = loaded.answer(images, explain=any(explain))
+        return [(one, loaded) for one in image_answers(answers, explain)]
 
     def _decode_all(self, uploads: list[Upload], max_pixels: int) -> torch.Tensor:
         """All of a request's uploads -> uint8 (k, 3, 32, 32); every bad file named in one BadUploads."""
@@ -556,9 +610,10 @@ class ModelService:
         top_k: int,
         arrival: Arrival | None = None,
         model: str | None = None,
+        explain: bool = False,
     ) -> Classification:
         """Decode, queue, wait for the batch of `model` (default: the default model); per-image
-        probabilities in upload order.
+        answers in upload order, with heatmaps if `explain`.
 
         Raises UnknownModel, NotReady, AtCapacity, NoImages, TooManyFiles or BadUploads.
         """
@@ -601,7 +656,7 @@ class ModelService:
             loop.call_soon_threadsafe(_settle_future, done, result)
 
         try:
-            job = batcher.submit(ticket, images, deliver, arrival)
+            job = batcher.submit(ticket, images, deliver, arrival, EXPLAIN_TAG if explain else None)
         except BatcherClosed:
             raise self.not_ready() from None
         try:
@@ -610,15 +665,16 @@ class ModelService:
             job.cancel()
             raise
         loaded: LoadedModel = results[0].output[1]
-        probabilities = [r.output[0] for r in results]
+        answers: list[ImageAnswer] = [r.output[0] for r in results]
         if any(r.output[1] is not loaded for r in results):
             # A reload landed between this request's batches: answer from the new weights alone.
             loaded = self.loaded(slot.name)
-            probabilities = (await asyncio.to_thread(loaded.probabilities, images)).tolist()
-        self.metrics.count_labels([max(range(len(p)), key=p.__getitem__) for p in probabilities], slot.name)
+            fresh = await asyncio.to_thread(loaded.answer, images, explain)
+            answers = image_answers(fresh, [explain] * len(images))
+        self.metrics.count_answers(answers, slot.name)
         return Classification(
             filenames=[u.filename for u in uploads],
-            probabilities=probabilities,
+            answers=answers,
             top_k=top_k,
             model=loaded,
             decode_s=decode_s,

@@ -5,7 +5,9 @@
     GET  /v2/models/final             model metadata: its input and outputs (and lite, best, when served)
     GET  /v2/models/final/ready
     POST /v2/models/final/infer       input `image` (BYTES, [N]): N encoded image files;
-                                      outputs `probabilities` (FP32, [N, 10]), `label` (BYTES, [N])
+                                      outputs `probabilities` (FP32, [N, 10]), `label` (BYTES, [N]);
+                                      on request `ood_score` (FP32, [N]), `unsure` (BOOL, [N]),
+                                      `heatmap` (FP32, [N, 32, 32]; computed only when asked for)
 
 Each image is decoded by `ModelService.classify`, the call /predict makes, so the image rule, the
 limits, batching, admission, drain and metrics are /predict's. In a JSON body a BYTES element is
@@ -39,13 +41,19 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.edge import api_error
 from app.errors import ApiError
-from app.model import CLASSES
-from app.service import ModelService, ServiceError, Upload
+from app.model import CLASSES, IMAGE_SIZE
+from app.service import ImageAnswer, ModelService, ServiceError, Upload
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 EXTENSIONS = ["binary_tensor_data"]
 INPUT = "image"
-OUTPUTS = {"probabilities": ("FP32", [-1, len(CLASSES)]), "label": ("BYTES", [-1])}
+OUTPUTS = {"probabilities": ("FP32", [-1, len(CLASSES)]), "label": ("BYTES", [-1])}  # by default
+# Returned only when the request names them in "outputs" (the first two need an unsure detector).
+OPTIONAL_OUTPUTS = {
+    "ood_score": ("FP32", [-1]),
+    "unsure": ("BOOL", [-1]),
+    "heatmap": ("FP32", [-1, IMAGE_SIZE, IMAGE_SIZE]),
+}
 # /predict's statuses that mean "this image is bad" in the protocol's terms: 400.
 _AS_BAD_REQUEST = {415, 422}
 
@@ -62,12 +70,19 @@ class ServedModel:
         loaded = self.service.slot(self.name).loaded
         return loaded.predictor.info.backend if loaded is not None else self.service.settings.backend
 
+    def outputs(self) -> dict[str, tuple[str, list[int]]]:
+        """The outputs this model can give: the default two, and the optional ones it has."""
+        loaded = self.service.slot(self.name).loaded
+        detector = loaded is not None and loaded.calibration.detector is not None
+        optional = {k: v for k, v in OPTIONAL_OUTPUTS.items() if detector or k == "heatmap"}
+        return {**OUTPUTS, **optional}
+
     def metadata(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "platform": self.platform,
             "inputs": [{"name": INPUT, "datatype": "BYTES", "shape": [-1]}],
-            "outputs": [{"name": n, "datatype": d, "shape": s} for n, (d, s) in OUTPUTS.items()],
+            "outputs": [{"name": n, "datatype": d, "shape": s} for n, (d, s) in self.outputs().items()],
         }
 
 
@@ -138,8 +153,13 @@ def _json_bytes_elements(data: Any, what: str) -> list[bytes]:
     return elements
 
 
-def parse_infer_request(body: bytes, header_length: str | None, model: str) -> InferRequest:
-    """The images and the wanted outputs of an inference request; raises TensorError."""
+def parse_infer_request(
+    body: bytes,
+    header_length: str | None,
+    model: str,
+    available: Mapping[str, tuple[str, list[int]]] = OUTPUTS,
+) -> InferRequest:
+    """The images and the wanted outputs (of `available`) of an inference request; raises TensorError."""
     header, binary = _split_body(body, header_length)
     if not isinstance(header, dict):
         raise TensorError("the inference request must be a JSON object")
@@ -193,8 +213,9 @@ def parse_infer_request(body: bytes, header_length: str | None, model: str) -> I
     outputs: dict[str, bool] = {}
     for output in wanted:
         name = output.get("name")
-        if name not in OUTPUTS:
-            raise TensorError(f"unknown output {name!r}; model '{model}' has {', '.join(map(repr, OUTPUTS))}")
+        if name not in available:
+            names = ", ".join(map(repr, available))
+            raise TensorError(f"unknown output {name!r}; model '{model}' has {names}")
         binary_data = (output.get("parameters") or {}).get("binary_data", default_binary)
         if not isinstance(binary_data, bool):
             raise TensorError(f"output {name!r}: parameters.binary_data must be true or false")
@@ -205,20 +226,31 @@ def parse_infer_request(body: bytes, header_length: str | None, model: str) -> I
 # -- the response ------------------------------------------------------------------------------
 
 
-def _output(name: str, probabilities: list[list[float]], binary: bool) -> tuple[dict[str, Any], bytes]:
-    """An output tensor's JSON part and its binary data (empty when it is sent in the JSON)."""
-    datatype, shape = OUTPUTS[name]
-    shape = [len(probabilities), *shape[1:]]
-    tensor: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
+def _values(name: str, answers: list[ImageAnswer]) -> list[Any]:
+    """An output's elements, flattened in row-major order."""
     if name == "probabilities":
-        flat = [p for row in probabilities for p in row]
-        raw = struct.pack(f"<{len(flat)}f", *flat) if binary else b""
-        data: list[Any] = flat
-    else:
-        labels = [CLASSES[max(range(len(row)), key=row.__getitem__)] for row in probabilities]
-        encoded = [label.encode() for label in labels]
-        raw = b"".join(struct.pack("<I", len(e)) + e for e in encoded) if binary else b""
-        data = labels
+        return [p for a in answers for p in a.probabilities]
+    if name == "label":
+        return [CLASSES[max(range(len(a.probabilities)), key=a.probabilities.__getitem__)] for a in answers]
+    if name == "heatmap":
+        return [v for a in answers for row in a.heatmap or [] for v in row]
+    return [getattr(a, name) for a in answers]  # ood_score, unsure
+
+
+def _output(name: str, answers: list[ImageAnswer], binary: bool) -> tuple[dict[str, Any], bytes]:
+    """An output tensor's JSON part and its binary data (empty when it is sent in the JSON)."""
+    datatype, shape = {**OUTPUTS, **OPTIONAL_OUTPUTS}[name]
+    shape = [len(answers), *shape[1:]]
+    tensor: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
+    data = _values(name, answers)
+    raw = b""
+    if binary and datatype == "FP32":
+        raw = struct.pack(f"<{len(data)}f", *data)
+    elif binary and datatype == "BOOL":
+        raw = bytes(bool(v) for v in data)
+    elif binary:
+        encoded = [label.encode() for label in data]
+        raw = b"".join(struct.pack("<I", len(e)) + e for e in encoded)
     if binary:
         tensor["parameters"] = {"binary_data_size": len(raw)}
     else:
@@ -226,10 +258,10 @@ def _output(name: str, probabilities: list[list[float]], binary: bool) -> tuple[
     return tensor, raw
 
 
-def infer_response(model: str, request: InferRequest, probabilities: list[list[float]]) -> Response:
+def infer_response(model: str, request: InferRequest, answers: list[ImageAnswer]) -> Response:
     outputs, chunks = [], []
     for name, binary in request.outputs.items():
-        tensor, raw = _output(name, probabilities, binary)
+        tensor, raw = _output(name, answers, binary)
         outputs.append(tensor)
         chunks.append(raw)
     header: dict[str, Any] = {"model_name": model}
@@ -281,7 +313,9 @@ def _infer_endpoint(name: str):
     async def infer(request: Request) -> Response:
         served = _model(request, name)
         try:
-            parsed = parse_infer_request(await request.body(), request.headers.get(HEADER_LENGTH), name)
+            parsed = parse_infer_request(
+                await request.body(), request.headers.get(HEADER_LENGTH), name, served.outputs()
+            )
         except TensorError as exc:
             request.app.state.metrics.rejected.labels("bad_tensor").inc()
             return error_answer(400, str(exc))
@@ -289,10 +323,11 @@ def _infer_endpoint(name: str):
         uploads = [Upload(None, io.BytesIO(image), len(image)) for image in parsed.images]
         arrival = getattr(request.state, "arrival", None)  # set by AdmissionMiddleware
         try:
-            result = await service.classify(uploads, service.settings.top_k, arrival, name)
+            explain = "heatmap" in parsed.outputs
+            result = await service.classify(uploads, service.settings.top_k, arrival, name, explain=explain)
         except ServiceError as exc:
             return _service_error(request, exc)
-        return infer_response(name, parsed, result.probabilities)
+        return infer_response(name, parsed, result.answers)
 
     return infer
 

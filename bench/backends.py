@@ -73,7 +73,9 @@ from serve_load import (  # noqa: E402
     weights_or_random,
 )
 
+from app.model import StagedNet  # noqa: E402
 from app.predictor import (  # noqa: E402
+    Forward,
     Predictor,
     PredictorError,
     PredictorInfo,
@@ -99,7 +101,7 @@ class OpenVinoPredictor(Predictor):
     Thread-safe: each calling thread gets its own infer request.
     """
 
-    def __init__(self, model: torch.nn.Module, threads: int = 1) -> None:
+    def __init__(self, model: StagedNet, threads: int = 1) -> None:
         try:
             import openvino as ov
         except ImportError:
@@ -116,18 +118,20 @@ class OpenVinoPredictor(Predictor):
         self._local = threading.local()
         self.info = PredictorInfo(backend="openvino", precision="fp32", device="cpu", threads=threads)
 
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, stats: bool = True, fmap: bool = False) -> Forward:
         request = getattr(self._local, "request", None)
         if request is None:
             request = self._local.request = self._compiled.create_infer_request()
-        out = request.infer({0: images.cpu().contiguous().numpy()})[0]
-        return torch.from_numpy(out.copy())  # the request reuses its output buffer
+        out = request.infer({0: images.cpu().contiguous().numpy()})
+        # copies: the request reuses its output buffers
+        logits, statistics, last = (torch.from_numpy(out[i].copy()) for i in range(3))
+        return Forward(logits, statistics if stats else None, last if fmap else None)
 
 
 class CompiledTorchPredictor(Predictor):
     """`torch.compile` (inductor) of normalize() + FinalModel in channels_last, fp32, CPU."""
 
-    def __init__(self, model: torch.nn.Module, threads: int = 1) -> None:
+    def __init__(self, model: StagedNet, threads: int = 1) -> None:
         torch.set_num_threads(threads)  # inductor's C++ kernels take the thread count when compiled
         wrapper = _Normalized(model.eval().to(memory_format=torch.channels_last)).eval()
         self._compiled = torch.compile(wrapper)
@@ -135,9 +139,10 @@ class CompiledTorchPredictor(Predictor):
             backend="torch-compile", precision="fp32", device="cpu", threads=threads, layout="channels_last"
         )
 
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, stats: bool = True, fmap: bool = False) -> Forward:
         with torch.no_grad():
-            return self._compiled(images.contiguous(memory_format=torch.channels_last))
+            logits, statistics, last = self._compiled(images.contiguous(memory_format=torch.channels_last))
+        return Forward(logits, statistics if stats else None, last if fmap else None)
 
 
 def _app(**config):
@@ -238,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: left out ({exc})")
             continue
         for b in BATCHES:  # the first call at each size (torch.compile compiles here)
-            loaded.predictor.probabilities(images[:b])
+            loaded.probabilities(images[:b])
         build_s[name] = time.perf_counter() - started
         built[name] = loaded
         print(f"{name}: {loaded.predictor.info.describe()}; built and first calls in {build_s[name]:.1f} s")

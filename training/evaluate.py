@@ -18,12 +18,14 @@ import sys
 import time
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import cast
 
 import torch
 
+from app.calibration import Calibration
 from app.checkpoint import CheckpointError, build_model, load_checkpoint
 from app.device import DEVICE_CHOICES, autocast_dtype, resolve_device
-from app.model import CLASSES, MODEL_KEYS
+from app.model import CLASSES, MODEL_KEYS, StagedNet
 from app.predictor import (
     BACKENDS,
     LAYOUTS,
@@ -35,6 +37,7 @@ from app.predictor import (
 )
 from training.data import DataError, Split, limit_index, load_cifar10, test_split_files
 from training.served import ServiceError, local_service, served_labels
+from training.trust import calibration_report, deletion_check, plot_reliability
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +68,8 @@ def predict(
     """Logits (N, 10) on the CPU for uint8 images (N, 3, 32, 32) from `model` on `device` (PyTorch,
     NCHW, the model left as it is but for eval()); `amp`: bf16 autocast where it pays."""
     precision = "bf16" if amp and autocast_dtype(device) is not None else "fp32"
-    return predict_logits(TorchPredictor(model, device, precision=precision), images, batch_size, tta)
+    net = cast(StagedNet, model)  # every network here is one (training hands in its weight average too)
+    return predict_logits(TorchPredictor(net, device, precision=precision), images, batch_size, tta)
 
 
 def summarize(logits: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -169,12 +173,66 @@ def build_parser() -> argparse.ArgumentParser:
         help="a running service to check instead of starting one, e.g. http://127.0.0.1:8000",
     )
     p.add_argument(
+        "--max-ece",
+        type=float,
+        default=None,
+        help="exit 1 when the calibrated expected calibration error (fraction, 15 bins) is above this",
+    )
+    p.add_argument(
+        "--explain-check",
+        type=int,
+        default=0,
+        metavar="N",
+        help="delete the quarter of pixels each heatmap ranks highest, and lowest, on N test images; "
+        "exit 1 unless the first costs the label at least 0.1 more probability on average",
+    )
+    p.add_argument(
         "--max-disagree",
         type=int,
         default=0,
         help="with --check-service: exit 1 when more images than this get another label served",
     )
     return p
+
+
+def report_trust(
+    args, predictor: Predictor, model: StagedNet, meta: dict, test: Split, logits: torch.Tensor
+) -> dict:
+    """Calibration error and unsure share on the test split (reliability.png with --out), and
+    with --explain-check the heatmap deletion check; prints them."""
+    calibration = Calibration.from_meta(meta)
+    report = calibration_report(predictor, model, calibration, test.images, test.labels, logits)
+    unsure = (
+        f"; unsure: {100 * report['unsure_share']:.2f}% of test images" if "unsure_share" in report else ""
+    )
+    print(
+        f"calibration (T = {calibration.temperature:.3f}): ECE {100 * report['ece_before']:.2f}% -> "
+        f"{100 * report['ece_after']:.2f}% (15 bins), mean confidence {report['confidence_before']:.3f} -> "
+        f"{report['confidence_after']:.3f} at accuracy {report['accuracy']:.3f}{unsure}"
+    )
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        plot_reliability(test.labels, torch.softmax(logits, 1), calibration.probabilities(logits),
+                         Path(args.out) / "reliability.png")  # fmt: skip
+    if args.explain_check:
+        check = deletion_check(predictor, model, calibration, test.images[: args.explain_check])
+        report["deletion"] = check
+        print(
+            f"heatmaps ({check['method']}) on {check['images']} test images: deleting the top quarter of "
+            f"pixels costs the label {check['drop_top']:.3f} probability, the bottom quarter "
+            f"{check['drop_bottom']:.3f}"
+        )
+    return report
+
+
+def trust_failure(args, report: dict) -> str | None:
+    """Why --max-ece or --explain-check fails, or None."""
+    if args.max_ece is not None and report["ece_after"] > args.max_ece:
+        return f"calibrated ECE {100 * report['ece_after']:.2f}% is above {100 * args.max_ece:.2f}%"
+    deletion = report.get("deletion")
+    if deletion is not None and deletion["drop_top"] - deletion["drop_bottom"] < 0.1:
+        return "the heatmaps' top quarter of pixels matters no more than their bottom quarter"
+    return None
 
 
 def check_service(
@@ -291,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     recorded = ckpt.meta.get("metrics", {}).get("test_acc")
     if recorded is not None:
         print(f"recorded in the checkpoint: {100 * recorded:.2f}%")
+    result["calibration"] = report_trust(args, predictor, model, ckpt.meta, test, logits)
     if args.out:
         out = Path(args.out)
         write_report(test, logits, out)
@@ -303,7 +362,12 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     if args.out:  # after the service check, so that the file holds its result too
         (Path(args.out) / "evaluation.json").write_text(json.dumps(result, indent=2))
-        print(f"wrote {Path(args.out) / 'evaluation.json'}, confusion_matrix.png, misclassified.png")
+        pictures = "confusion_matrix.png, misclassified.png, reliability.png"
+        print(f"wrote {Path(args.out) / 'evaluation.json'}, {pictures}")
+    failure = trust_failure(args, result["calibration"])
+    if failure is not None:
+        print(f"error: {failure}", file=sys.stderr)
+        return 1
     if files is not None and result["service"]["disagree"] > args.max_disagree:
         print(
             f"error: {result['service']['disagree']} served labels differ from this evaluation "

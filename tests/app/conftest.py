@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from app.checkpoint import save_checkpoint
 from app.main import create_app
 from app.model import AirbenchNet, FinalModel, LiteModel
-from app.predictor import Predictor, build_predictor
+from app.predictor import Forward, Predictor, build_predictor
 from app.preprocess import normalize
 from app.settings import ENV_PREFIX, Settings
 
@@ -68,12 +68,12 @@ class HookedPredictor(Predictor):
         self.on_forward: Callable[[], None] | None = None
         self.calls: list[int] = []
 
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, stats: bool = True, fmap: bool = False) -> Forward:
         hook = self.on_forward
         if hook is not None:
             self.calls.append(len(images))
             hook()
-        return self.inner.logits(images)
+        return self.inner.forward(images, stats, fmap)
 
 
 class HookedPredictors(list):

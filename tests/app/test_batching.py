@@ -24,7 +24,8 @@ FAST_503_S = 0.5  # a loose bound on refusing a request when the queue is full
 
 
 class FakeModel:
-    """run(images) -> the first pixel of each image, so every caller can check it got its own rows."""
+    """run(images, tags) -> the first pixel of each image, so every caller can check it got its own
+    rows; the tags of each batch are kept."""
 
     def __init__(self, barrier: threading.Barrier | None = None) -> None:
         self.batches: list[list[int]] = []
@@ -33,8 +34,10 @@ class FakeModel:
         self.entered = threading.Event()
         self.barrier = barrier
         self.fail_next = False
+        self.tags: list[list] = []
 
-    def __call__(self, images: torch.Tensor) -> list[int]:
+    def __call__(self, images: torch.Tensor, tags: list) -> list[int]:
+        self.tags.append(tags)
         self.entered.set()
         assert self.gate.wait(WAIT)
         if self.barrier is not None:
@@ -68,10 +71,10 @@ def images(*values: int) -> torch.Tensor:
     return x
 
 
-def submit(batcher: DynamicBatcher, *values: int, arrival=None) -> Result:
+def submit(batcher: DynamicBatcher, *values: int, arrival=None, tag=None) -> Result:
     result = Result()
     ticket = batcher.reserve(len(values))
-    batcher.submit(ticket, images(*values), result, arrival)
+    batcher.submit(ticket, images(*values), result, arrival, tag)
     return result
 
 
@@ -109,6 +112,16 @@ def test_requests_queued_while_the_model_is_busy_share_the_next_batch(make_batch
     assert first.outputs() == [0]
     assert [r.outputs() for r in later] == [[1], [2], [3], [4], [5]]
     assert model.batches == [[0], [1, 2, 3, 4, 5]]
+
+
+def test_each_image_reaches_the_model_with_its_requests_tag(make_batcher):
+    model = FakeModel()
+    batcher = make_batcher(model)
+    first = hold_first_batch(batcher, model)
+    plain, tagged = submit(batcher, 1, 2), submit(batcher, 3, tag="explain")
+    model.gate.set()
+    assert first.outputs() == [0] and plain.outputs() == [1, 2] and tagged.outputs() == [3]
+    assert model.batches[1] == [1, 2, 3] and model.tags[1] == [None, None, "explain"]
 
 
 def test_batches_never_exceed_max_batch_size(make_batcher):

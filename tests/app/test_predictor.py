@@ -8,10 +8,12 @@ import torch
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
+from app.calibration import stage_statistics
 from app.checkpoint import build_model, load_checkpoint
 from app.main import create_app
 from app.model import CLASSES
 from app.predictor import (
+    Forward,
     OnnxPredictor,
     Predictor,
     PredictorError,
@@ -57,9 +59,16 @@ def test_every_fp32_backend_gives_the_reference_logits(weights, images, referenc
     assert torch.allclose(logits, reference, atol=1e-4)
     assert torch.equal(logits.argmax(1), reference.argmax(1))
     assert len(set(reference.argmax(1).tolist())) > 2  # labels vary, so agreement means something
-    probabilities = predictor.probabilities(images[:3])
-    assert torch.allclose(probabilities.sum(1), torch.ones(3))
     assert predictor.info.backend == backend and predictor.info.precision == "fp32"
+    # the unsure detector's statistics and the heatmaps' map come from the same pass, the same on each
+    model = fresh_model(weights).eval()
+    with torch.no_grad():
+        maps, _ = model.forward_stages(normalize(images))
+    out = predictor.forward(images, stats=True, fmap=True)
+    assert torch.allclose(out.stats, stage_statistics(maps), atol=1e-4, rtol=1e-4)
+    assert torch.allclose(out.fmap, maps[-1], atol=1e-4)
+    plain = predictor.forward(images, stats=False)
+    assert plain.stats is None and plain.fmap is None
 
 
 def test_onnx_runs_any_batch_size(weights, images, reference):
@@ -100,11 +109,11 @@ class FixedPredictor(Predictor):
     def __init__(self) -> None:
         self.batches: list[int] = []
 
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, stats: bool = True, fmap: bool = False) -> Forward:
         self.batches.append(len(images))
         probabilities = torch.full((len(images), len(CLASSES)), 0.3 / 9)
         probabilities[:, CLASSES.index("ship")] = 0.7
-        return probabilities.log()
+        return Forward(probabilities.log(), None, None)
 
 
 def test_the_service_serves_the_predictor_it_is_handed(make_settings):

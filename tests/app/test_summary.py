@@ -57,7 +57,7 @@ def test_summary_as_text_is_the_original_table(client):
     r = client.get("/model/summary", params={"format": "text"})
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/plain")
-    assert r.text == ORIGINAL_TABLE
+    assert r.text == ORIGINAL_TABLE + "Device Type - cpu\n"  # the original's line, last
 
 
 def test_unknown_summary_format_is_422(client):
