@@ -61,7 +61,8 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
         return loss
 
     optimizer.step(closure)
-    return log_t.detach().exp().item()
+    # a network no better than chance would drive T to infinity: keep it in a readable range
+    return log_t.detach().clamp(-3, 5).exp().item()
 
 
 def fit_detector(fit: torch.Tensor, val: torch.Tensor, sizes: list[int], keep: float = KEEP) -> Detector:
@@ -170,7 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     try:
-        meta = load_checkpoint(args.weights).meta
+        ckpt = load_checkpoint(args.weights)
+        if ckpt.is_bare:
+            raise CheckpointError(f"{args.weights} is a bare state_dict: it records no validation split")
+        meta = ckpt.meta
         train, val = splits_of(meta, args.data, args.cache_dir)
         seed = meta.get("seed", meta.get("config", {}).get("seed", 0))
         out = Path(args.out) if args.out else None

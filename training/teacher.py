@@ -61,6 +61,7 @@ from app.device import DEVICE_CHOICES, autocast_dtype
 from app.model import CLASSES, MEAN, STD, AirbenchNet
 from app.preprocess import normalize
 from training.augment import cutout, translate
+from training.calibrate import calibrate_file
 from training.config import SWITCH, option
 from training.data import DataError, Split, limit_split, load_cifar10, split_validation
 from training.train import (
@@ -583,7 +584,8 @@ def log_epoch(s: Setup, sums: dict[str, float], seconds: float) -> None:
 
 
 def finish(s: Setup) -> dict[str, float]:
-    """Take the lookahead average, measure it, write teacher.pt (rank 0); the metrics."""
+    """Take the lookahead average, measure it, write teacher.pt calibrated on the validation split
+    (rank 0); the metrics."""
     cfg, model = s.cfg, s.model
     if s.lookahead is not None:
         s.lookahead.finish()
@@ -614,6 +616,7 @@ def finish(s: Setup) -> dict[str, float]:
         duration_s=round(s.elapsed, 1),
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
+    calibrate_file(Path(cfg.out) / "teacher.pt", s.train, s.val, s.device, cfg.seed)
     log.info(
         "teacher: val %.2f%% (TTA level %d: %.2f%%)%s; wrote %s",
         100 * metrics["val_acc"], cfg.tta, 100 * metrics["val_acc_tta"],

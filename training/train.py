@@ -59,6 +59,7 @@ from app.model import ARCHITECTURES, MODEL_KEYS
 from app.preprocess import normalize
 from app.settings import available_cpus
 from training.augment import augment
+from training.calibrate import calibrate_file
 from training.config import (
     BN_IMAGES,
     ConfigError,
@@ -69,13 +70,14 @@ from training.config import (
 )
 from training.data import Cifar10, DataError, Split, limit_index, limit_split, load_cifar10, split_validation
 from training.evaluate import predict, summarize, write_report
+from training.trust import plot_reliability
 
 __all__ = ["ConfigError", "TrainConfig", "evaluate", "main", "run", "train_one_epoch", "training_loss"]
 
 log = logging.getLogger("training")
 
 RESUME_FORMAT = "cifar10-cnn/train-state"
-PICTURES = ("curves.png", "confusion_matrix.png", "misclassified.png")
+PICTURES = ("curves.png", "confusion_matrix.png", "misclassified.png", "reliability.png")
 
 
 # ---------------------------------------------------------------- typed state
@@ -591,12 +593,19 @@ def write_weights(
 
 
 def finish(
-    cfg: TrainConfig, model: nn.Module, progress: Progress, test: Split, rt: Runtime, meta: TrainingRecord
+    cfg: TrainConfig,
+    model: nn.Module,
+    progress: Progress,
+    splits: tuple[Split, Split, Split],
+    rt: Runtime,
+    meta: TrainingRecord,
 ) -> dict[str, Any]:
     """Test the best epoch's weights once (float32, and with flip TTA); write the final
-    checkpoint, the curves, the confusion matrix and the misclassified images."""
+    checkpoint, calibrated on the validation split (temperature, unsure detector), the curves,
+    the confusion matrix, the misclassified images and the reliability diagram."""
     from training.plots import plot_curves
 
+    train, val, test = splits
     out, best = Path(cfg.out), progress.best
     assert best.state_dict is not None, "no epoch has finished"
     model.load_state_dict(best.state_dict)
@@ -615,8 +624,13 @@ def finish(
     }
     weights_file = weights_name(cfg.model)
     write_weights(out / weights_file, cfg, best, metrics, len(progress.history), progress, meta)
+    temperature = calibrate_file(out / weights_file, train, val, rt.device, cfg.seed)["calibration"][
+        "temperature"
+    ]
     plot_curves(progress.history, out / "curves.png")
     write_report(test, logits, out)
+    plot_reliability(test.labels, torch.softmax(logits, 1), torch.softmax(logits / temperature, 1),
+                     out / "reliability.png")  # fmt: skip
     log.info(
         "best epoch %d: train %.2f%%  val %.2f%%  test %.2f%%  test+flipTTA %.2f%%  (%d test images)",
         best.epoch,
@@ -843,7 +857,7 @@ def run(cfg: TrainConfig, resume: bool = False, overrides: dict[str, Any] | None
     # -- report: the best epoch on the test split, the pictures
     result: dict[str, Any] = {"history": progress.history}
     if rank == 0 and progress.history:
-        result = finish(cfg, model, progress, test, rt, meta)
+        result = finish(cfg, model, progress, (train, val, test), rt, meta)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -12,10 +12,12 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from PIL import Image
 
 from app.checkpoint import build_model, load_checkpoint
 from app.model import CLASSES
 from app.preprocess import load_image, normalize
+from app.service import load_model
 
 from ..live import REPO, SHIPPED, live_service
 
@@ -119,12 +121,41 @@ def test_the_page_is_keyboard_usable(page, service):
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.id") == "model"
     page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "explain"
+    page.keyboard.press("Tab")
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.id") == "go"
     page.keyboard.press("Enter")
     page.locator(".result .bar").nth(4).wait_for()  # (the page's CSP forbids wait_for_function's eval)
     assert page.locator(".result .bar").count() == 5
     assert page.locator(".result .predicted").text_content() == expected_label(SAMPLES[3])
+
+
+def test_the_page_says_when_the_model_is_unsure_and_shows_where_it_looked(page, service, tmp_path):
+    noise = tmp_path / "noise.png"
+    pixels = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    Image.fromarray(pixels.numpy()).save(noise)
+    pictures = [SAMPLES[1], noise]
+    flags = (
+        load_model(SHIPPED, torch.device("cpu")).answer(torch.stack([load_image(p) for p in pictures])).unsure
+    )
+    assert flags is not None and flags.tolist() == [False, True]  # what the page must show
+    page.goto(service + "/")
+    page.check("#explain")
+    page.set_input_files("#files", [str(p) for p in pictures])
+    page.wait_for_selector(".result >> nth=1")
+    results = page.locator(".result")
+    assert results.nth(0).locator(".unsure").count() == 0
+    assert (
+        "does not look like the photos this model knows" in results.nth(1).locator(".unsure").text_content()
+    )
+    # a heatmap over each thumbnail, its 32x32 pixels drawn with varying strength
+    assert page.locator(".thumb canvas").count() == 2
+    alphas = page.evaluate(
+        "Array.from(document.querySelector('.thumb canvas').getContext('2d')"
+        ".getImageData(0, 0, 32, 32).data.filter((_, i) => i % 4 === 3))"
+    )
+    assert len(alphas) == 1024 and max(alphas) > 150 and min(alphas) < 20
 
 
 def test_the_page_fits_a_phone(browser, service):
