@@ -29,39 +29,48 @@ import torch
 KEEP = 0.955
 
 
-def stage_statistics(maps: list[torch.Tensor]) -> torch.Tensor:
-    """Each stage's per-channel mean and standard deviation over its map, in float32:
-    list of (N, C_s, h, w) -> (N, sum of 2 * C_s)."""
+def stage_statistics(maps: list[torch.Tensor], pooled: torch.Tensor) -> torch.Tensor:
+    """Each stage's per-channel mean and standard deviation over its map, in float32; for the last
+    stage, the pooled features its head computes anyway (its spread added cost, not detection):
+    maps (N, C_s, h, w) but the last, and pooled (N, C_S) -> (N, 2 * C_1 + ... + 2 * C_{S-1} + C_S)."""
     parts = []
-    for fmap in maps:
+    for fmap in maps[:-1]:
         flat = fmap.float().flatten(2)
-        parts += [flat.mean(2), flat.std(2)]
-    return torch.cat(parts, 1)
+        mean = flat.mean(2)
+        # E[x^2] - E[x]^2: two reductions where torch.std's export takes several passes
+        parts += [mean, ((flat * flat).mean(2) - mean * mean).clamp(min=0).sqrt()]
+    return torch.cat([*parts, pooled.float()], 1)
 
 
 @dataclass(frozen=True)
 class Detector:
     """One Gaussian per stage over `stage_statistics`; score = the largest standardised distance."""
 
-    sizes: list[int]  # each stage's share of the statistics vector (2 * C_s)
+    sizes: list[int]  # each stage's share of the statistics vector (2 * C_s; C_S for the last)
     means: list[torch.Tensor]  # (D_s,)
     precisions: list[torch.Tensor]  # (D_s, D_s): inverse covariance, shrunk towards its diagonal
     centre: list[float]  # each stage's mean distance on the validation split
     spread: list[float]  # and its standard deviation
     threshold: float  # scores above it are unsure
 
+    def __post_init__(self) -> None:
+        # The stages as one block-diagonal quadratic form, so a batch is scored in a few ops:
+        # distances = ((x - mean) @ P * (x - mean)) @ stage_of, with stage_of (D, stages) 0/1.
+        object.__setattr__(self, "_mean", torch.cat(self.means))
+        object.__setattr__(self, "_precision", torch.block_diag(*self.precisions))
+        stage_of = torch.block_diag(*(torch.ones(size, 1) for size in self.sizes))
+        object.__setattr__(self, "_stage_of", stage_of)
+        object.__setattr__(self, "_centre", torch.tensor(self.centre))
+        object.__setattr__(self, "_spread", torch.tensor(self.spread))
+
     def distances(self, stats: torch.Tensor) -> torch.Tensor:
         """(N, D) statistics -> (N, stages) squared Mahalanobis distances."""
-        out = []
-        parts = stats.split(self.sizes, 1)
-        for part, mean, precision in zip(parts, self.means, self.precisions, strict=True):
-            d = part - mean
-            out.append(((d @ precision) * d).sum(1))
-        return torch.stack(out, 1)
+        d = stats - self._mean  # type: ignore[attr-defined]
+        return (d @ self._precision * d) @ self._stage_of  # type: ignore[attr-defined]
 
     def score(self, stats: torch.Tensor) -> torch.Tensor:
         """(N, D) statistics -> (N,) scores; higher is further from the training images."""
-        z = (self.distances(stats) - torch.tensor(self.centre)) / torch.tensor(self.spread)
+        z = (self.distances(stats) - self._centre) / self._spread  # type: ignore[attr-defined]
         return z.max(1).values
 
     def to_meta(self, **record: Any) -> dict[str, Any]:

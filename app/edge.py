@@ -89,13 +89,17 @@ def predict_response(result: Classification) -> PredictResponse:
         probs = answer.probabilities
         order = sorted(range(len(probs)), key=probs.__getitem__, reverse=True)[: result.top_k]
         explained = {} if answer.heatmap is None else {"heatmap": answer.heatmap}  # unset: left out
+        # model_construct: the service's own values, typed already; validating the 1,024 numbers of
+        # a heatmap would cost more than the heatmap itself
         predictions.append(
-            Prediction(
+            Prediction.model_construct(
                 filename=filename,
                 label=CLASSES[order[0]],
                 index=order[0],
                 confidence=probs[order[0]],
-                top_k=[ClassProbability(label=CLASSES[i], probability=probs[i]) for i in order],
+                top_k=[
+                    ClassProbability.model_construct(label=CLASSES[i], probability=probs[i]) for i in order
+                ],
                 unsure=answer.unsure,
                 ood_score=answer.ood_score,
                 **explained,

@@ -26,18 +26,17 @@ from app.model import IMAGE_SIZE, StagedNet
 
 def heatmaps(model: StagedNet, fmap: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """The last stage's map (N, C, h, w) and the classes (N,) -> heatmaps (N, 32, 32) in [0, 1]."""
+    n, c, h, w = fmap.shape
     weights = model.class_weights().detach().float().cpu()[classes]  # (N, C)
-    cam = torch.einsum("nchw,nc->nhw", fmap.float(), weights)
+    cam = torch.bmm(weights.unsqueeze(1), fmap.float().view(n, c, h * w)).view(n, 1, h, w)
     if model.cam_method == "grad-cam":
         cam = cam.clamp(min=0)
-    size = cam.shape[-1]
-    cam = cam.unsqueeze(1)
-    if isinstance(model.map_offset, int):  # centre-aligned: pad with the edge values
+    if model.map_offset is not None:  # centre-aligned: pad with the edge values
         cam = F.pad(cam, (model.map_offset,) * 4, mode="replicate")
     else:
         cam = F.interpolate(cam, size=IMAGE_SIZE, mode="bilinear", align_corners=False)
-    cam = cam.squeeze(1)
-    assert cam.shape[-1] == IMAGE_SIZE, f"a {size}x{size} map does not place onto the image"
-    low = cam.flatten(1).min(1).values.view(-1, 1, 1)
-    high = cam.flatten(1).max(1).values.view(-1, 1, 1)
-    return torch.where(high > low, (cam - low) / (high - low).clamp(min=1e-12), torch.zeros_like(cam))
+    cam = cam.view(n, -1)
+    if cam.shape[1] != IMAGE_SIZE * IMAGE_SIZE:
+        raise ValueError(f"a {h}x{w} map does not place onto the {IMAGE_SIZE}x{IMAGE_SIZE} image")
+    low, high = cam.aminmax(dim=1, keepdim=True)
+    return ((cam - low) / (high - low).clamp(min=1e-12)).view(n, IMAGE_SIZE, IMAGE_SIZE)

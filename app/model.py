@@ -83,21 +83,29 @@ class StagedNet(nn.Module):
     def stages(self) -> list[nn.Module]:
         raise NotImplementedError
 
-    def head(self, fmap: torch.Tensor) -> torch.Tensor:
-        """The last stage's map (N, C, h, w) -> logits (N, 10)."""
+    def pool(self, fmap: torch.Tensor) -> torch.Tensor:
+        """The last stage's map (N, C, h, w) -> pooled features (N, C)."""
+        raise NotImplementedError
+
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled features (N, C) -> logits (N, 10): linear, no bias."""
         raise NotImplementedError
 
     def class_weights(self) -> torch.Tensor:
         """(10, C): logit c = class_weights[c] . pool(last map)."""
         raise NotImplementedError
 
-    def forward_stages(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Every stage's output map, and the logits."""
+    def head(self, fmap: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.pool(fmap))
+
+    def forward_stages(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Every stage's output map, the pooled features and the logits."""
         maps = []
         for stage in self.stages():
             x = stage(x)
             maps.append(x)
-        return maps, self.head(x)
+        pooled = self.pool(x)
+        return maps, pooled, self.classify(pooled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for stage in self.stages():
@@ -120,8 +128,11 @@ class _AveragePooledNet(StagedNet):
     def stages(self) -> list[nn.Module]:
         return [self.c1, self.c2, self.c3, self.c4]
 
-    def head(self, fmap: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.gap(fmap).flatten(1))  # (N, C, 20, 20) -> (N, C) -> (N, 10) logits
+    def pool(self, fmap: torch.Tensor) -> torch.Tensor:
+        return self.gap(fmap).flatten(1)  # (N, C, 20, 20) -> (N, C)
+
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.fc(pooled)
 
     def class_weights(self) -> torch.Tensor:
         return self.fc.weight
@@ -283,9 +294,12 @@ class AirbenchNet(StagedNet):
     def stages(self) -> list[nn.Module]:
         return [self.stem, *self.groups]
 
-    def head(self, fmap: torch.Tensor) -> torch.Tensor:
+    def pool(self, fmap: torch.Tensor) -> torch.Tensor:
         # (N, C, 3, 3) with the whitening stem, (N, C, 4, 4) without -> global max-pool -> (N, C)
-        return self.fc(torch.amax(fmap, dim=(2, 3))) * self.logit_scale
+        return torch.amax(fmap, dim=(2, 3))
+
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.fc(pooled) * self.logit_scale
 
     def class_weights(self) -> torch.Tensor:
         return self.fc.weight * self.logit_scale

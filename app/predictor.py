@@ -131,10 +131,10 @@ class TorchPredictor(Predictor):
                 x = x.contiguous(memory_format=torch.channels_last)
             if not (stats or fmap):
                 return Forward(self.model(x).float().cpu(), None, None)
-            maps, logits = self.model.forward_stages(x)
+            maps, pooled, logits = self.model.forward_stages(x)
             return Forward(
                 logits.float().cpu(),
-                stage_statistics(maps).cpu() if stats else None,
+                stage_statistics(maps, pooled).cpu() if stats else None,
                 maps[-1].float().cpu() if fmap else None,
             )
 
@@ -151,8 +151,8 @@ class _Normalized(torch.nn.Module):
         self.model = model
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        maps, logits = self.model.forward_stages(normalize(images))
-        return logits, stage_statistics(maps), maps[-1]
+        maps, pooled, logits = self.model.forward_stages(normalize(images))
+        return logits, stage_statistics(maps, pooled), maps[-1]
 
 
 def export_onnx(model: StagedNet) -> bytes:

@@ -259,9 +259,9 @@ def image_answers(answers: Answers, explain: list[bool]) -> list[ImageAnswer]:
     probabilities = answers.probabilities.tolist()
     scores = answers.ood_score.tolist() if answers.ood_score is not None else [None] * len(probabilities)
     unsure = answers.unsure.tolist() if answers.unsure is not None else [None] * len(probabilities)
-    maps = answers.heatmaps
+    maps = answers.heatmaps.round(decimals=3).tolist() if answers.heatmaps is not None else None
     return [
-        ImageAnswer(p, s, u, maps[i].round(decimals=3).tolist() if maps is not None and explain[i] else None)
+        ImageAnswer(p, s, u, maps[i] if maps is not None and explain[i] else None)
         for i, (p, s, u) in enumerate(zip(probabilities, scores, unsure, strict=True))
     ]
 

@@ -268,11 +268,17 @@ MODES = {  # mode -> (batching, fast path)
 
 @contextmanager
 def start_server(
-    args, weights: Path, mode: str, backend: str = "auto", env: dict[str, str] | None = None
+    args,
+    weights: Path,
+    mode: str,
+    backend: str = "auto",
+    env: dict[str, str] | None = None,
+    root: Path = ROOT,
 ) -> Iterator[launch.Server]:
     """`uvicorn app.main:app` in `mode` (MODES) with `backend` (BACKENDS), ready for the `with`
     block (up to --startup-timeout seconds), then stopped; `env` (CIFAR10_*, UVICORN_*) goes over
-    the settings chosen here. Its output goes to this script's."""
+    the settings chosen here; `root`: the tree whose `app` it runs (another commit's, checked out
+    beside this one, for a before-and-after run). Its output goes to this script's."""
     batching, fast_path = MODES[mode]
     settings = {
         **{f"CIFAR10_{key.upper()}": value for key, value in BACKENDS[backend][1].items()},
@@ -289,7 +295,7 @@ def start_server(
     quiet = ["--log-level", "warning", "--no-access-log"]
     try:
         with launch.running(
-            settings, quiet, capture=False, cwd=ROOT, timeout=args.startup_timeout, stop_timeout=15
+            settings, quiet, capture=False, cwd=root, timeout=args.startup_timeout, stop_timeout=15
         ) as server:
             yield server
     except launch.NotReady as exc:
@@ -354,24 +360,31 @@ class RawConnection:
             self.writer = None
 
 
-def raw_request(body: bytes, host: str, port: int) -> bytes:
+def raw_request(body: bytes, host: str, port: int, target: str = "/predict") -> bytes:
     head = (
-        f"POST /predict HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"POST {target} HTTP/1.1\r\nHost: {host}:{port}\r\n"
         f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
 
 
 async def drive(
-    base: str, bodies: list[bytes], clients: int, warmup: float, duration: float, kind: str
+    base: str,
+    bodies: list[bytes],
+    clients: int,
+    warmup: float,
+    duration: float,
+    kind: str,
+    target: str = "/predict",
 ) -> LoadResult:
-    """`clients` back-to-back posters; only requests started after the warm-up are counted."""
+    """`clients` back-to-back posters to `target` (path and query); only requests started after
+    the warm-up are counted."""
     latencies: list[float] = []
     errors = 0
     url = httpx.URL(base)
     assert url.port is not None  # the servers here listen on an explicit port
     port: int = url.port
-    raw_requests = [raw_request(b, url.host, port) for b in bodies]
+    raw_requests = [raw_request(b, url.host, port, target) for b in bodies]
     headers = {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     loop = asyncio.get_running_loop()
@@ -385,7 +398,7 @@ async def drive(
             if kind == "raw":
                 return await asyncio.wait_for(raw.post(raw_requests[i]), 30.0)
             try:
-                return (await client.post("/predict", content=bodies[i], headers=headers)).status_code
+                return (await client.post(target, content=bodies[i], headers=headers)).status_code
             except httpx.HTTPError:
                 return 0
 

@@ -43,9 +43,9 @@ def forward_all(
     model.eval().to(device)
     logits, stats = [], []
     for start in range(0, len(images), batch_size):
-        maps, out = model.forward_stages(normalize(images[start : start + batch_size].to(device)))
+        maps, pooled, out = model.forward_stages(normalize(images[start : start + batch_size].to(device)))
         logits.append(out.float().cpu())
-        stats.append(stage_statistics(maps).cpu())
+        stats.append(stage_statistics(maps, pooled).cpu())
     return torch.cat(logits), torch.cat(stats)
 
 
@@ -85,9 +85,10 @@ def fit_detector(fit: torch.Tensor, val: torch.Tensor, sizes: list[int], keep: f
 
 
 def stage_sizes(model: StagedNet, device: torch.device) -> list[int]:
+    """Each stage's share of `stage_statistics`."""
     with torch.no_grad():
-        maps, _ = model.eval().to(device).forward_stages(torch.zeros(1, 3, 32, 32, device=device))
-    return [2 * m.shape[1] for m in maps]
+        maps, _, _ = model.eval().to(device).forward_stages(torch.zeros(1, 3, 32, 32, device=device))
+    return [2 * m.shape[1] for m in maps[:-1]] + [maps[-1].shape[1]]
 
 
 def calibration_record(model: StagedNet, train: Split, val: Split, device: torch.device, seed: int) -> dict:

@@ -18,7 +18,7 @@ from app.main import create_app
 from app.model import FinalModel
 from app.preprocess import normalize
 from app.service import StartupError
-from training.calibrate import fit_detector, fit_temperature
+from training.calibrate import fit_detector, fit_temperature, stage_sizes
 
 from .conftest import CHECKPOINT_META, HookedPredictors, distinct_model
 from .images import png_bytes
@@ -61,7 +61,7 @@ def test_cam_is_exact_its_mean_over_the_map_is_the_logit():
         torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     )
     with torch.no_grad():
-        maps, logits = model.forward_stages(x)
+        maps, _, logits = model.forward_stages(x)
     cam = torch.einsum("nchw,kc->nkhw", maps[-1], model.class_weights())
     assert torch.allclose(cam.mean((2, 3)), logits, atol=1e-4)
 
@@ -85,9 +85,9 @@ def calibrated(tmp_path_factory, weights):
     low = torch.rand(600, 3, 4, 4, generator=g)
     images = (torch.nn.functional.interpolate(low, size=32, mode="bilinear") * 255).round().to(torch.uint8)
     with torch.no_grad():
-        maps, _ = model.forward_stages(normalize(images))
-    stats = stage_statistics(maps)
-    detector = fit_detector(stats[:400], stats[400:], [2 * m.shape[1] for m in maps])
+        maps, pooled, _ = model.forward_stages(normalize(images))
+    stats = stage_statistics(maps, pooled)
+    detector = fit_detector(stats[:400], stats[400:], stage_sizes(model, torch.device("cpu")))
     path = tmp_path_factory.mktemp("calibrated") / "model.pt"
     save_checkpoint(path, model, **CHECKPOINT_META, calibration={"temperature": 2.0}, ood=detector.to_meta())
     return path

@@ -63,9 +63,9 @@ def test_every_fp32_backend_gives_the_reference_logits(weights, images, referenc
     # the unsure detector's statistics and the heatmaps' map come from the same pass, the same on each
     model = fresh_model(weights).eval()
     with torch.no_grad():
-        maps, _ = model.forward_stages(normalize(images))
+        maps, pooled, _ = model.forward_stages(normalize(images))
     out = predictor.forward(images, stats=True, fmap=True)
-    assert torch.allclose(out.stats, stage_statistics(maps), atol=1e-4, rtol=1e-4)
+    assert torch.allclose(out.stats, stage_statistics(maps, pooled), atol=1e-4, rtol=1e-4)
     assert torch.allclose(out.fmap, maps[-1], atol=1e-4)
     plain = predictor.forward(images, stats=False)
     assert plain.stats is None and plain.fmap is None
