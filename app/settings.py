@@ -20,6 +20,9 @@ from app.device import DEVICE_CHOICES
 
 ENV_PREFIX = "CIFAR10_"
 MAX_TOP_K = 10  # the model has ten classes
+# The shipped weights, found beside the package (a clone, an editable install, the Docker image)
+# wherever the service is started from; the CIFAR10_*WEIGHTS settings name other files.
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 
 
 def available_cpus() -> int:
@@ -34,17 +37,18 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
     weights: Path = Field(
-        Path("weights/final_model.pt"),
-        description="Checkpoint to serve: ours (training's output) or a bare FinalModel state_dict.",
+        default_factory=lambda: SHIPPED_WEIGHTS / "final_model.pt",
+        description="Checkpoint to serve: ours (training's output) or a bare FinalModel state_dict "
+        "(default: the shipped weights/final_model.pt beside the package, whatever the current folder).",
     )
     lite_weights: Path | None = Field(
-        Path("weights/lite_model.pt"),
+        default_factory=lambda: SHIPPED_WEIGHTS / "lite_model.pt",
         description="LiteModel checkpoint served beside FinalModel as model 'lite' (/predict?model=lite, "
         "/v2/models/lite). Skipped when the default file is absent; a file set on purpose must load; "
         "empty: no lite model.",
     )
     best_weights: Path | None = Field(
-        Path("weights/best_model.pt"),
+        default_factory=lambda: SHIPPED_WEIGHTS / "best_model.pt",
         description="AirbenchNet checkpoint (python -m training.teacher) served beside FinalModel as "
         "model 'best', the most accurate (/predict?model=best, /v2/models/best). Skipped when the "
         "default file is absent; a file set on purpose must load; empty: no best model.",

@@ -10,6 +10,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from app import settings as settings_module
 from app.checkpoint import file_sha256, save_checkpoint
 from app.imaging import read_upload
 from app.main import create_app
@@ -77,7 +78,7 @@ def test_an_unknown_model_is_a_404_that_names_the_served_ones(both, path):
 
 
 def test_without_lite_weights_only_final_is_served(make_settings, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # no weights/lite_model.pt here: the default file is absent
+    monkeypatch.setattr(settings_module, "SHIPPED_WEIGHTS", tmp_path)  # no lite_model.pt there
     settings = Settings(**make_settings().model_dump(exclude={"lite_weights"}))  # the default, unset
     assert settings.lite_weights is not None and "lite_weights" not in settings.model_fields_set
     with TestClient(create_app(settings)) as client:

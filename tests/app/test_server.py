@@ -46,3 +46,15 @@ def test_an_invalid_setting_stops_the_server_naming_the_variable():
     output = failed_start(CIFAR10_MAX_BATCH_SIZE="lots").output
     assert "CIFAR10_MAX_BATCH_SIZE" in output
     assert "Traceback" not in output
+
+
+def test_the_command_serves_the_shipped_weights_from_any_folder(tmp_path):
+    """`cifar10-cnn serve` started in an empty folder finds the shipped weights beside the package."""
+    with launch.running({"CIFAR10_DEVICE": "cpu"}, cli=True, cwd=tmp_path) as server:
+        r = httpx.post(
+            f"{server.url}/predict", files=[("file", ("cat.jpg", jpeg_bytes(1), "image/jpeg"))], timeout=30
+        )
+        summary = httpx.get(f"{server.url}/model/summary", timeout=30).json()
+    assert r.status_code == 200, r.text
+    assert summary["total_params"] == 149_584 and summary["weights_file"] == "final_model.pt"
+    assert list(tmp_path.iterdir()) == []  # and wrote nothing there

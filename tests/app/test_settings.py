@@ -13,6 +13,7 @@ from app.main import create_app, settings_from_env
 from app.service import StartupError
 from app.settings import Settings, available_cpus
 
+from .conftest import REPO
 from .images import blobs, encode, png_bytes
 
 
@@ -27,9 +28,11 @@ def test_settings_come_from_prefixed_environment_variables(monkeypatch):
     assert s.max_wait_ms == 5.0
 
 
-def test_defaults():
+def test_defaults(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the shipped weights are found wherever the service starts
     s = Settings()
-    assert str(s.weights) == "weights/final_model.pt"
+    assert s.weights == REPO / "weights" / "final_model.pt" and s.weights.is_file()
+    assert s.lite_weights == REPO / "weights" / "lite_model.pt"
     assert s.device == "auto" and s.batching is True and s.top_k == 3
 
 
