@@ -9,6 +9,8 @@ rise.
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
@@ -88,23 +90,22 @@ def predict_response(result: Classification) -> PredictResponse:
     for filename, answer in zip(result.filenames, result.answers, strict=True):
         probs = answer.probabilities
         order = sorted(range(len(probs)), key=probs.__getitem__, reverse=True)[: result.top_k]
-        explained = {} if answer.heatmap is None else {"heatmap": answer.heatmap}  # unset: left out
+        values: dict[str, Any] = {
+            "filename": filename,
+            "label": CLASSES[order[0]],
+            "index": order[0],
+            "confidence": probs[order[0]],
+            "top_k": [
+                ClassProbability.model_construct(label=CLASSES[i], probability=probs[i]) for i in order
+            ],
+            "unsure": answer.unsure,
+            "ood_score": answer.ood_score,
+        }
+        if answer.heatmap is not None:  # else left unset, and out of the answer
+            values["heatmap"] = answer.heatmap
         # model_construct: the service's own values, typed already; validating the 1,024 numbers of
         # a heatmap would cost more than the heatmap itself
-        predictions.append(
-            Prediction.model_construct(
-                filename=filename,
-                label=CLASSES[order[0]],
-                index=order[0],
-                confidence=probs[order[0]],
-                top_k=[
-                    ClassProbability.model_construct(label=CLASSES[i], probability=probs[i]) for i in order
-                ],
-                unsure=answer.unsure,
-                ood_score=answer.ood_score,
-                **explained,
-            )
-        )
+        predictions.append(Prediction.model_construct(**values))
     loaded = result.model
     return PredictResponse(
         predictions=predictions,

@@ -191,7 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also count, on the test split, the labels each backend changes against PyTorch fp32 NCHW",
     )
     p.add_argument("--limit", type=int, default=0, help="with --labels: only this many test images (0: all)")
-    p.add_argument("--cache-dir", default=".cache/data", help="with --labels: where the archive is decoded")
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="with --labels: where decoded data is cached "
+        "(default: $XDG_CACHE_HOME/cifar10-cnn, else ~/.cache/cifar10-cnn)",
+    )
     add_smoke_flag(p, SMOKE)
     return p
 

@@ -181,7 +181,11 @@ SMOKE_IMAGES = 256  # random images when --data is not given (4096 * 4 otherwise
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="CIFAR-10 source as in training (default: random images)")
-    p.add_argument("--cache-dir", default=".cache/data", help="where training caches decoded data")
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where decoded data is cached (default: $XDG_CACHE_HOME/cifar10-cnn, else ~/.cache/cifar10-cnn)",
+    )
     p.add_argument("--steps", type=int, default=8, help="timed batches per measurement")
     p.add_argument("--batch-size", type=int, default=256, help="batch size of the headline rows")
     p.add_argument("--dropout", type=float, default=0.05, help="dropout of the headline rows")

@@ -140,7 +140,7 @@ def calibrate_file(
     return record
 
 
-def splits_of(meta: dict[str, Any], data: str, cache_dir: str) -> tuple[Split, Split]:
+def splits_of(meta: dict[str, Any], data: str, cache_dir: str | None) -> tuple[Split, Split]:
     """The training and validation splits a checkpoint was trained on (its seed, sizes, limit)."""
     config = meta.get("config", {})
     seed, val_size = (
@@ -165,7 +165,11 @@ def main(argv: list[str] | None = None) -> int:
         "--weights", required=True, help="the checkpoint to calibrate (ours, not a bare state_dict)"
     )
     p.add_argument("--data", required=True, help="the data it was trained on, as in python -m training")
-    p.add_argument("--cache-dir", default=".cache/data", help="where training caches decoded data")
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where decoded data is cached (default: $XDG_CACHE_HOME/cifar10-cnn, else ~/.cache/cifar10-cnn)",
+    )
     p.add_argument("--out", default=None, help="write the calibrated checkpoint here (default: in place)")
     p.add_argument(
         "--device", default="auto", choices=DEVICE_CHOICES, help="auto picks cuda, then mps, then cpu"

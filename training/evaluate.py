@@ -120,7 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="cifar10",
         help="'cifar10' (torchvision download) or an ImageFolder directory / .tar.gz",
     )
-    p.add_argument("--cache-dir", default=".cache/data", help="where archives are unpacked and decoded")
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where decoded data is cached (default: $XDG_CACHE_HOME/cifar10-cnn, else ~/.cache/cifar10-cnn)",
+    )
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="auto: cuda, mps, cpu")
     p.add_argument("--tta", action="store_true", help="also report horizontal-flip test-time augmentation")
     p.add_argument(

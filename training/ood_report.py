@@ -91,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("weights", nargs="+", help="calibrated checkpoints (python -m training.calibrate)")
     p.add_argument("--data", required=True, help="CIFAR-10 as in python -m training (its test split is used)")
-    p.add_argument("--cache-dir", default=".cache/data", help="where training caches decoded data")
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where decoded data is cached (default: $XDG_CACHE_HOME/cifar10-cnn, else ~/.cache/cifar10-cnn)",
+    )
     p.add_argument("--images", type=int, default=2000, help="images per set")
     args = p.parse_args(argv)
     torch.manual_seed(0)

@@ -37,6 +37,7 @@ import math
 import os
 import random
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -62,7 +63,7 @@ from app.model import CLASSES, MEAN, STD, AirbenchNet
 from app.preprocess import normalize
 from training.augment import cutout, translate
 from training.calibrate import calibrate_file
-from training.config import SWITCH, option
+from training.config import DRY_RUN_SAYS, SWITCH, option
 from training.data import DataError, Split, limit_split, load_cifar10, split_validation
 from training.train import (
     StopFlag,
@@ -91,7 +92,9 @@ class TeacherConfig:
         "cifar10",
         "'cifar10' (torchvision download) or an ImageFolder directory / .tar.gz with train/ and test/",
     )
-    cache_dir: str = option(".cache/data", "folder where archives are unpacked and decoded tensors kept")
+    cache_dir: str = option(
+        "", "where decoded data is cached (default: $XDG_CACHE_HOME/cifar10-cnn, else ~/.cache/cifar10-cnn)"
+    )
     out: str = option("runs/teacher", "folder for teacher.pt, last.pt and history.json")
     preset: str = option(
         "airbench94",
@@ -137,7 +140,11 @@ class TeacherConfig:
     )
     threads: int = option(0, "torch threads per process; 0 divides the cores among local processes")
     test: bool = option(False, "also measure the test split at the end (recorded, not used to choose)")
-    dry_run: bool = option(False, "tiny data and network, one epoch, out=runs/teacher-dry-run unless --out")
+    dry_run: bool = option(
+        False,
+        "a tiny network on 512 images for one epoch, end to end (its accuracy means nothing); "
+        "writes to a new temporary folder unless --out is given",
+    )
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -217,7 +224,7 @@ def config_from(given: dict[str, Any]) -> TeacherConfig:
     values = {**PRESETS[preset], **given}
     if values.get("dry_run"):
         values = {**values, **{k: v for k, v in DRY_RUN.items() if k not in given}}
-        values.setdefault("out", "runs/teacher-dry-run")
+        values.setdefault("out", tempfile.mkdtemp(prefix="cifar10-teacher-dry-run-"))
     cfg = TeacherConfig(**values)
     parse_widths(cfg.widths)
     if cfg.depth not in (2, 3):
@@ -630,6 +637,8 @@ def run(cfg: TeacherConfig, resume: bool = False, overrides: dict | None = None)
     s = setup(cfg, resume, overrides or {})
     cfg = s.cfg
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    if cfg.dry_run and s.rank == 0:
+        log.info(DRY_RUN_SAYS, cfg.out)
     if s.rank == 0:
         log.info(
             "AirbenchNet %s: %d parameters; %d train, %d validation images; %s, %s; %d process(es) x %d "

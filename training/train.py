@@ -62,6 +62,7 @@ from training.augment import augment
 from training.calibrate import calibrate_file
 from training.config import (
     BN_IMAGES,
+    DRY_RUN_SAYS,
     ConfigError,
     TrainConfig,
     build_parser,
@@ -669,6 +670,8 @@ def run(cfg: TrainConfig, resume: bool = False, overrides: dict[str, Any] | None
     if cfg.batch_size % world:
         raise ConfigError(f"batch size {cfg.batch_size} must divide evenly across {world} processes")
     rt = make_runtime(cfg, device, rank, world)
+    if cfg.dry_run and rank == 0:
+        log.info(DRY_RUN_SAYS, out)
 
     data = load_cifar10(cfg.data, cfg.cache_dir)
     if state is not None and data.fingerprint != state["data_fingerprint"]:

@@ -3,6 +3,7 @@ import torch
 
 from app.model import CLASSES
 from training.data import DataError, load_cifar10, split_validation
+from training.data import test_split_files as files_of_the_test_split
 
 from .conftest import make_image_folder
 
@@ -15,6 +16,29 @@ def test_archive_and_folder_give_the_same_tensors(tiny_data, tiny_archive, tmp_p
     assert torch.equal(a.train.images, b.train.images) and a.fingerprint == b.fingerprint
     again = load_cifar10(str(tiny_archive), tmp_path / "c2")  # from the decoded cache
     assert torch.equal(again.test.images, b.test.images) and again.fingerprint == b.fingerprint
+
+
+def test_an_archive_is_cached_as_decoded_tensors_only_in_the_users_cache(
+    tiny_archive, tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    caplog.set_level("INFO", logger="training.data")
+    load_cifar10(str(tiny_archive))  # no cache folder given: the user's
+    [cached] = list((tmp_path / "xdg" / "cifar10-cnn").iterdir())  # the tensors alone, no images
+    assert cached.name.startswith("tensors-") and cached.suffix == ".pt"
+    assert f"cached the decoded data in {cached} (" in caplog.text
+    assert list(work.iterdir()) == []  # nothing in the current folder
+
+
+def test_the_test_files_are_unpacked_alone_and_in_the_decoded_order(tiny_archive, tmp_path):
+    files = files_of_the_test_split(str(tiny_archive), tmp_path / "c")
+    data = load_cifar10(str(tiny_archive), tmp_path / "c")
+    assert [label for _, label in files] == data.test.labels.tolist()
+    unpacked = [p for p in (tmp_path / "c").rglob("*") if p.is_file() and p.suffix == ".png"]
+    assert len(unpacked) == len(data.test) and all("/test/" in str(p) for p in unpacked)
 
 
 def test_changed_folder_is_decoded_again(tmp_path):

@@ -3,6 +3,8 @@ refused before their first step are called in this process (`train_main`)."""
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -102,15 +104,17 @@ def test_dry_run_flag_runs_the_pipeline(tiny_data, tmp_path):
         "--dry-run",
         "--limit",
         "100",
-        "--out",
-        str(tmp_path / "dry"),
         "--val-size",
         "10",
         "--batch-size",
         "10",
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert load_checkpoint(tmp_path / "dry" / "final_model.pt").meta["epoch"] == 1
+    said = re.search(r"dry run: .* into (\S+); its accuracy figures mean nothing by design", proc.stderr)
+    assert said is not None, proc.stderr[-2000:]
+    out = Path(said.group(1))  # a temporary folder of its own, outside the repository
+    assert REPO not in out.parents and load_checkpoint(out / "final_model.pt").meta["epoch"] == 1
+    shutil.rmtree(out)
 
 
 def test_bad_data_source_is_one_clear_error(tmp_path, train_main):
