@@ -22,11 +22,14 @@ pytestmark = pytest.mark.slow  # a real server or subprocess: .ci/run runs these
 
 BENCH_SCRIPTS = sorted(p.name for p in (REPO / "bench").glob("*.py"))
 # each has a test below
-SMOKE_TESTED = {"backends.py", "overload.py", "serve_load.py", "soak.py", "train_throughput.py"}
+SMOKE_TESTED = {
+    "backends.py", "explain_latency.py", "overload.py", "serve_load.py", "soak.py", "train_throughput.py"
+}  # fmt: skip
 
 
 SMOKE_ARGS = {  # script -> its arguments besides --smoke; "{data}" is the tiny archive
     "backends.py": ["--data", "{data}", "--labels"],
+    "explain_latency.py": ["--data", "{data}"],
     "overload.py": ["--data", "{data}"],
     "soak.py": ["--data", "{data}"],
     "serve_load.py": ["--data", "{data}"],
@@ -98,6 +101,13 @@ def test_overload_smoke(smoke_runs):
         assert re.search(rf"^\| {row} \| [\d,]+ \| [\d.]+ \| ", out, re.M), f"no row {row}\n{out}"
     assert re.search(r"^capacity \(4:ignore\): [\d,]+ answers/s$", out, re.M), out
     assert "server: slow clients cut off headers 0, body 0; connections refused over the cap 0" in out
+
+
+def test_explain_latency_smoke(smoke_runs):
+    out = smoke_runs("explain_latency.py")
+    for name in ("plain", "heatmap"):
+        assert re.search(rf"^round 1 {name} +p50 [\d.]+ ms$", out, re.M), out
+    assert re.search(r"heatmap / plain [\d.]+$", out, re.M), out
 
 
 def test_serve_load_smoke(smoke_runs):
