@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from app.model import AirbenchNet, FinalModel  # noqa: E402
 from app.preprocess import normalize  # noqa: E402
 from training.data import Split, load_cifar10  # noqa: E402
-from training.teacher import parse_widths  # noqa: E402
-from training.train import Runtime, TrainConfig, train_one_epoch  # noqa: E402
+from training.teacher import load_teacher, parse_widths  # noqa: E402
+from training.train import Runtime, TeacherPass, TrainConfig, train_one_epoch  # noqa: E402
 
 
 def make_runtime(amp: bool, channels_last: bool, rank: int = 0, world: int = 1) -> Runtime:
@@ -86,7 +86,7 @@ def full_rate(
     rank: int = 0,
     world: int = 1,
     compile: bool = False,
-    teacher: torch.nn.Module | None = None,
+    teacher: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> float:
     """images/s of train_one_epoch over `steps` batches (after a 2-batch warm-up, which is also
     when torch.compile compiles), all ranks together; with `teacher`, the distilled step."""
@@ -149,25 +149,28 @@ def compare_compile(data: Split, batch: int, dropout: float, steps: int, cores: 
         )
 
 
-def compare_distill(
-    data: Split, batch: int, dropout: float, steps: int, amp: bool, widths: str, depth: int
-) -> None:
-    """Plain, distilled, plain again, in one single-thread process with the CPU defaults
-    (channels_last; bf16 only where the CPU has it): one DDP rank. The teacher has random
-    weights: its forward pass costs what a trained one's does."""
-    torch.set_num_threads(1)
+def compare_distill(data: Split, batch: int, dropout: float, steps: int, amp: bool, args) -> None:
+    """Plain, distilled, plain again, in one process with the CPU defaults (channels_last; bf16
+    only where the CPU has it) and --threads threads. The teacher's pass is training's own
+    (`TeacherPass`: inference mode, bf16 where it keeps the labels); a teacher without --teacher
+    has random weights, whose forward pass costs what a trained one's does."""
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    teacher = AirbenchNet(parse_widths(widths), depth).eval().requires_grad_(False)
-    teacher = teacher.to(memory_format=torch.channels_last)
+    if args.teacher:
+        teacher = load_teacher(args.teacher)[0]
+    else:
+        teacher = AirbenchNet(parse_widths(args.teacher_widths), args.teacher_depth)
+    teacher_pass = TeacherPass(teacher, make_runtime(amp, True), data.images[-500:])
     params = sum(p.numel() for p in teacher.parameters())
     plain, again, distilled, ratio = against_baseline(
         lambda: full_rate(data, batch, steps, amp, True, dropout),
-        lambda: full_rate(data, batch, steps, amp, True, dropout, teacher=teacher),
+        lambda: full_rate(data, batch, steps, amp, True, dropout, teacher=teacher_pass),
     )
     print(
-        f"1 proc x 1 thr, batch {batch}, {'bf16' if amp else 'fp32'} + channels_last, dropout {dropout}, "
-        f"full step: plain {plain:.1f} then {again:.1f} img/s, distilled from a {params:,}-parameter "
-        f"teacher {distilled:.1f} img/s; distilled / plain {ratio:.2f}",
+        f"1 proc x {args.threads} thr, batch {batch}, {'bf16' if amp else 'fp32'} + channels_last, "
+        f"dropout {dropout}, full step: plain {plain:.1f} then {again:.1f} img/s, distilled from a "
+        f"{params:,}-parameter teacher ({teacher_pass.describe()}) {distilled:.1f} img/s; "
+        f"distilled / plain {ratio:.2f}",
         flush=True,
     )
 
@@ -210,6 +213,12 @@ def main(argv: list[str] | None = None) -> None:
         "--teacher-depth", type=int, default=2, help="--distill's teacher: convs per group (2 or 3)"
     )
     p.add_argument(
+        "--teacher", default=None, help="--distill's teacher: a teacher.pt (instead of the shape above)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=1, help="--distill: torch threads (1: one DDP rank on a CPU)"
+    )
+    p.add_argument(
         "--smoke",
         action="store_true",
         help="a check that the script works, in seconds: "
@@ -245,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
         compare_compile(data, b, d, args.steps, cores)
         return
     if args.distill:  # the CPU's defaults: bf16 only where the CPU has it natively
-        compare_distill(data, b, d, args.steps, bf16, args.teacher_widths, args.teacher_depth)
+        compare_distill(data, b, d, args.steps, bf16, args)
         return
 
     rows = []
