@@ -3,6 +3,15 @@ teacher format still loading."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
 import torch
 from torch import nn
 
@@ -20,6 +29,8 @@ from training.teacher import (
     multi_crop_logits,
     whiten_init,
 )
+
+from .conftest import REPO, SUBPROCESS_TIMEOUT
 
 
 def smooth_images(n: int, seed: int = 0) -> torch.Tensor:
@@ -165,3 +176,58 @@ def test_a_teacher_written_before_airbenchnet_loads_with_the_same_logits(tmp_pat
     with torch.no_grad():
         assert torch.allclose(model(x), old(x), atol=1e-6)
     assert meta["widths"] == [32, 64, 256, 256] and len(meta["sha256"]) == 64
+
+
+@pytest.mark.slow
+def test_a_signal_that_reaches_one_torchrun_teacher_worker_stops_both_saves_and_resumes(tiny_data, tmp_path):
+    """The teacher's ranks agree on the step to stop at, as the student's do: a rank that stopped
+    alone would leave the other blocked in the gradient all-reduce until torchrun killed both."""
+    out = tmp_path / "teacher"
+    args = ["--data", str(tiny_data), "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+    args += [
+        "--epochs",
+        "300",
+        "--val-size",
+        "20",
+        "--batch-size",
+        "20",
+        "--widths",
+        "8,16,16",
+        "--device",
+        "cpu",
+    ]
+    launcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "-m",
+            "training.teacher",
+            *args,
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+    while not (out / "history.json").exists() and time.monotonic() < deadline and launcher.poll() is None:
+        time.sleep(0.05)
+    assert launcher.poll() is None, "the run ended before it could be interrupted"
+    workers = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+    assert len(workers) == 2
+    os.kill(int(workers[-1]), signal.SIGINT)  # one worker only, as a late-arriving signal is
+    stderr = launcher.communicate(timeout=60)[1]
+    assert "continue with --resume" in stderr, stderr[-3000:]
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert 1 <= state["epoch"] < 300
+    resumed = subprocess.run(
+        [sys.executable, "-m", "training.teacher", "--resume", "--out", str(out), "--threads", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == list(range(1, 301))
+    assert load_teacher(out / "teacher.pt")[1]["metrics"]["val_acc"] >= 0
