@@ -6,7 +6,9 @@
 # deploy/k8s/*.yaml: kubernetes-validate (PyPI), which bundles Kubernetes' own JSON schemas for
 # each release, checked strictly (unknown fields are errors) against the oldest and the newest
 # release it knows. deploy/compose.yaml: check-jsonschema (PyPI) with its bundled compose-spec
-# schema. Both are in the dev extras: pip install -e '.[dev]'.
+# schema; deploy/kserve/*.yaml: the same with KServe's InferenceService schema, kept beside them
+# (deploy/kserve/inferenceservice.schema.json, from KServe's CRD by scripts/kserve_schema.py).
+# Both tools are in the dev extras: pip install -e '.[dev]'.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -40,6 +42,12 @@ done
 
 if [[ -f deploy/compose.yaml ]]; then
     python3 -m check_jsonschema --builtin-schema vendor.compose-spec deploy/compose.yaml || status=1
+fi
+
+# deploy/kserve: KServe's own InferenceService schema, from its CRD (scripts/kserve_schema.py).
+kserve=(deploy/kserve/*.yaml)
+if ((${#kserve[@]})); then
+    python3 -m check_jsonschema --schemafile deploy/kserve/inferenceservice.schema.json "${kserve[@]}" || status=1
 fi
 
 if ((status)); then
