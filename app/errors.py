@@ -215,9 +215,46 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         422: "The field 'file' is missing or misnamed, or a query parameter is invalid or unknown.",
         503: "The model is not loaded yet, or the queue is full; retry after Retry-After seconds.",
     }
+    bad_file = {"index": 0, "filename": "notes.jpg", "status": 415, "code": "unsupported_media_type",
+                "detail": "not an image in a supported format"}  # fmt: skip
+    examples: dict[int, dict[str, Any]] = {
+        400: {
+            "detail": "the file at index 0 ('cat.jpg'): the image is truncated or damaged",
+            "code": "corrupt_image",
+        },
+        404: {
+            "detail": "there is no model 'huge' here; the models served are 'final', 'lite'",
+            "code": "model_not_found",
+        },  # fmt: skip
+        413: {
+            "detail": "40 files in one request; this service takes at most 32 a request: split them over "
+            "several requests",
+            "code": "too_many_files",
+        },  # fmt: skip
+        415: {
+            "detail": "the file at index 0 ('notes.jpg'): not an image in a supported format",
+            "code": "unsupported_media_type",
+            "files": [bad_file],
+        },  # fmt: skip
+        422: {
+            "detail": "unknown query parameter 'topk' (this endpoint takes: top_k, model, explain)",
+            "code": "invalid_request",
+            "fields": [
+                {"loc": ["query", "topk"], "msg": "Extra inputs are not permitted", "type": "extra_forbidden"}
+            ],
+        },  # fmt: skip
+        503: {
+            "detail": "the service is at capacity (256 images waiting); retry shortly",
+            "code": "queue_full",
+        },
+    }
     out: dict[int | str, dict[str, Any]] = {}
     for status in statuses:
-        entry: dict[str, Any] = {"model": ErrorBody, "description": described[status]}
+        entry: dict[str, Any] = {
+            "model": ErrorBody,
+            "description": described[status],
+            "content": {"application/json": {"example": examples[status]}},
+        }
         if status == 503:
             retry_after = {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}
             entry["headers"] = {"Retry-After": retry_after}

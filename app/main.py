@@ -69,14 +69,18 @@ from app.v2 import router as v2_router
 log = logging.getLogger(__name__)
 
 DESCRIPTION = """\
-Classifies images into the ten CIFAR-10 classes with FinalModel, a 149,584-parameter CNN.
+Classifies images into the ten CIFAR-10 classes with FinalModel, a 149,584-parameter CNN, and,
+where their weights are there, LiteModel (`?model=lite`, the smallest) and AirbenchNet
+(`?model=best`, the most accurate).
 
-POST images to `/predict`; `/model/summary` describes the model, `/metrics` serves Prometheus
-metrics, `/health/live` and `/health/ready` are the probes. Concurrent requests are batched
-into shared forward passes. Every error answer is JSON with `detail` (a sentence) and `code`.
+POST images to `/predict`: each answer has calibrated probabilities and an `unsure` flag for
+pictures unlike CIFAR-10, and `?explain=cam` adds a heatmap of where the evidence lies.
+`/model/summary` describes a model, `/metrics` serves Prometheus metrics, `/health/live` and
+`/health/ready` are the probes. Concurrent requests are batched into shared forward passes.
+Every error answer is JSON with `detail` (a sentence) and `code`.
 
 A page for people is at [`/`](/) (choose images, see their top classes); the Open Inference
-Protocol (KServe v2 REST) is at `/v2`, for model `final`, with `{"error": ...}` answers.
+Protocol (KServe v2 REST) is at `/v2`, for every model served, with `{"error": ...}` answers.
 """
 
 
@@ -221,7 +225,8 @@ def create_app(settings: Settings | None = None, make_predictor: PredictorFactor
             await asyncio.to_thread(service.stop)
 
     app = FastAPIOffline(
-        redoc_url=None,  # app.page serves /redoc, with no CDN address left in its bundle
+        docs_url=None,  # app.page serves /docs (with an upload fix) and /redoc (no CDN address)
+        redoc_url=None,
         title="cifar10-cnn",
         version=_version(),
         description=DESCRIPTION,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from pydantic import SecretStr
@@ -12,6 +13,8 @@ from app.batching import Arrival
 from app.errors import ApiError, error_response
 from app.metrics import Metrics
 from app.security import api_key_error
+
+log = logging.getLogger(__name__)
 
 
 class _BodyTooLarge(Exception):
@@ -30,14 +33,23 @@ class BodyLimitMiddleware:
         self.app = app
         self.max_bytes = max_bytes
         self.metrics = metrics
+        self.told_operator = False
 
     def _error(self, received: str) -> ApiError:
         self.metrics.rejected.labels("body_too_large").inc()
+        if not self.told_operator:  # the setting is the operator's business, not the client's
+            self.told_operator = True
+            log.warning(
+                "a request body of %s went over the limit of %s bytes (CIFAR10_MAX_BODY_BYTES); "
+                'later ones are counted in cifar10_rejected_total{reason="body_too_large"}',
+                received,
+                f"{self.max_bytes:,}",
+            )
         return ApiError(
             413,
             "body_too_large",
-            f"the request body is {received}; the limit is {self.max_bytes:,} bytes "
-            "(set CIFAR10_MAX_BODY_BYTES)",
+            f"the request body is {received}, over this service's limit of {self.max_bytes:,} bytes "
+            "a request: send fewer or smaller files in each",
             headers={"Connection": "close"},
         )
 

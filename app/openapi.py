@@ -8,7 +8,9 @@ optional query parameters lose the `null` branch (leaving them out is how a clie
 
 The schema also describes this deployment, as schemathesis checks it (tests/app/test_fuzz_api.py):
 the upload array holds at most CIFAR10_MAX_FILES files, `model` is one of the models served, and
-/admin/reload is listed only when CIFAR10_ADMIN_TOKEN is set (without it, no request can succeed).
+/admin/reload is listed only when CIFAR10_ADMIN_TOKEN is set (without it, no request can succeed),
+and a security scheme only when some listed operation requires it (so Swagger UI offers to
+authorize only where a key or token is configured).
 """
 
 from __future__ import annotations
@@ -51,10 +53,35 @@ def _drop_null(parameter: dict[str, Any]) -> None:
             schema.update(rest[0])
 
 
+def _const_as_enum(parameter: dict[str, Any]) -> None:
+    """A query parameter with one allowed value (`explain=cam`) as an enum: a menu in Swagger UI."""
+    schema = parameter.get("schema", {})
+    if parameter.get("in") == "query" and "const" in schema and "enum" not in schema:
+        schema["enum"] = [schema["const"]]
+
+
 def _served_models(parameter: dict[str, Any], names: list[str]) -> None:
     if parameter.get("in") == "query" and parameter.get("name") == "model":
         parameter["schema"]["enum"] = names
         parameter["schema"]["examples"] = names
+
+
+def _drop_unused_security(schema: dict[str, Any]) -> None:
+    """Keep the security schemes some listed operation requires: with no API key and no admin
+    token configured there are none, and Swagger UI shows no Authorize button."""
+    used = {
+        name
+        for operations in schema.get("paths", {}).values()
+        for operation in operations.values()
+        for requirement in operation.get("security", [])
+        for name in requirement
+    }
+    components = schema.get("components", {})
+    schemes = {k: v for k, v in components.get("securitySchemes", {}).items() if k in used}
+    if schemes:
+        components["securitySchemes"] = schemes
+    else:
+        components.pop("securitySchemes", None)
 
 
 def install(app: FastAPI) -> None:
@@ -74,7 +101,9 @@ def install(app: FastAPI) -> None:
                 for operation in operations.values():
                     for parameter in operation.get("parameters", []):
                         _drop_null(parameter)
+                        _const_as_enum(parameter)
                         _served_models(parameter, service.model_names)
+            _drop_unused_security(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -10,27 +10,32 @@ MODEL_ID = "The name to ask for it by: final (the default), lite or best, in ?mo
 
 
 class ClassProbability(BaseModel):
-    label: str
-    probability: float = Field(description="Calibrated probability, 0 to 1.")
+    label: str = Field(examples=["cat"])
+    probability: float = Field(description="Calibrated probability, 0 to 1.", examples=[0.91])
 
 
 class Prediction(BaseModel):
-    filename: str | None = Field(description="The uploaded file's name, if the client gave one.")
-    label: str = Field(description="The most likely class.")
-    index: int = Field(description="Its position in the class list (CIFAR-10 order), 0-9.")
+    filename: str | None = Field(
+        description="The uploaded file's name, if the client gave one.", examples=["cat.jpg"]
+    )
+    label: str = Field(description="The most likely class.", examples=["cat"])
+    index: int = Field(description="Its position in the class list (CIFAR-10 order), 0-9.", examples=[3])
     confidence: float = Field(
         description="Its probability, 0 to 1, calibrated on validation images (temperature scaling): "
-        "of CIFAR-10-like images answered at confidence 0.8, about 80% are right."
+        "of CIFAR-10-like images answered at confidence 0.8, about 80% are right.",
+        examples=[0.91],
     )
     top_k: list[ClassProbability] = Field(description="The top_k most likely classes, most likely first.")
     unsure: bool | None = Field(
         description="true when the picture looks unlike the CIFAR-10 photos the model knows (ood_score "
         "above the model's threshold, which leaves 95% of CIFAR-10 test images unflagged): the label is "
-        "then a guess. null when the model has no detector (see /model/summary)."
+        "then a guess. null when the model has no detector (see /model/summary).",
+        examples=[False],
     )
     ood_score: float | None = Field(
         description="How far the picture's statistics lie from the training images' (largest z-score "
-        "over the network's stages; higher is stranger). null when the model has no detector."
+        "over the network's stages; higher is stranger). null when the model has no detector.",
+        examples=[-0.42],
     )
     heatmap: list[list[float]] | None = Field(
         default=None,
@@ -40,18 +45,29 @@ class Prediction(BaseModel):
 
 
 class ModelRef(BaseModel):
-    name: str = Field(description="The network: FinalModel, LiteModel or AirbenchNet.")
-    id: str = Field(description=MODEL_ID)
-    sha256: str = Field(description="sha256 of the weights file that made these predictions.")
-    device: str
+    name: str = Field(
+        description="The network: FinalModel, LiteModel or AirbenchNet.", examples=["FinalModel"]
+    )
+    id: str = Field(description=MODEL_ID, examples=["final"])
+    sha256: str = Field(
+        description="sha256 of the weights file that made these predictions.",
+        examples=["b20dc1005013cea45bf8ca548e7e825b25fc630e4fa86cea7efcdebb50439cf9"],
+    )
+    device: str = Field(examples=["cpu"])
 
 
 class Timing(BaseModel):
-    total_ms: float = Field(description="From the request reaching the model service to the answer.")
-    decode_ms: float = Field(description="Checking and decoding the uploads.")
-    queue_ms: float = Field(description="Longest wait of an image for its batch.")
-    inference_ms: float = Field(description="Model time of the (longest) batch that served the images.")
-    batch_size: int = Field(description="Images in the (largest) forward pass that served them.")
+    total_ms: float = Field(
+        description="From the request reaching the model service to the answer.", examples=[2.9]
+    )
+    decode_ms: float = Field(description="Checking and decoding the uploads.", examples=[0.3])
+    queue_ms: float = Field(description="Longest wait of an image for its batch.", examples=[0.1])
+    inference_ms: float = Field(
+        description="Model time of the (longest) batch that served the images.", examples=[2.0]
+    )
+    batch_size: int = Field(
+        description="Images in the (largest) forward pass that served them.", examples=[1]
+    )
 
 
 class PredictResponse(BaseModel):

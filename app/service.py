@@ -321,6 +321,7 @@ class ModelService:
             for outcome in RELOAD_OUTCOMES:
                 metrics.reloads.labels(name, outcome)
         self.in_flight = 0  # inference requests admitted and not yet answered (event-loop thread only)
+        self._told_max_files = False  # the operator was told once in the log about CIFAR10_MAX_FILES
         self._decode_pool: ThreadPoolExecutor | None = None
         self.device: torch.device | None = None
         self.workers = 0
@@ -626,9 +627,18 @@ class ModelService:
         if not uploads:
             raise NoImages("no images: send one or more files in the field 'file'")
         if len(uploads) > self.settings.max_files:
+            if not self._told_max_files:  # the setting is the operator's business, not the client's
+                self._told_max_files = True
+                log.warning(
+                    "a request of %d files went over %s (%d); later ones are counted in "
+                    'cifar10_rejected_total{reason="too_many_files"}',
+                    len(uploads),
+                    env_name("max_files"),
+                    self.settings.max_files,
+                )
             raise TooManyFiles(
-                f"{len(uploads)} files in one request; at most {self.settings.max_files} "
-                f"(set {env_name('max_files')})"
+                f"{len(uploads)} files in one request; this service takes at most "
+                f"{self.settings.max_files} a request: split them over several requests"
             )
         try:
             ticket = batcher.reserve(len(uploads))

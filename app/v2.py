@@ -36,6 +36,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -300,12 +301,109 @@ def _model(request: Request, name: str) -> ServedModel:
 # -- the routes --------------------------------------------------------------------------------
 
 
+class V2Error(BaseModel):
+    error: str = Field(
+        description="One sentence that says what was wrong.", examples=["unknown model 'huge'"]
+    )
+
+
+class TensorMetadata(BaseModel):
+    name: str = Field(examples=["probabilities"])
+    datatype: str = Field(examples=["FP32"])
+    shape: list[int] = Field(description="-1: any size.", examples=[[-1, 10]])
+
+
+class ModelMetadata(BaseModel):
+    name: str = Field(examples=["final"])
+    platform: str = Field(description="The backend that runs it.", examples=["onnxruntime"])
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata] = Field(
+        description="The default two, then the optional ones this model has."
+    )
+
+
+class InferInput(BaseModel):
+    name: str = Field(examples=[INPUT])
+    datatype: str = Field(examples=["BYTES"])
+    shape: list[int] = Field(examples=[[1]])
+    data: list[str] | None = Field(
+        None, description="Each image file in base64 (JSON), or none with binary data."
+    )
+    parameters: dict[str, Any] | None = Field(None, examples=[{"binary_data_size": 1024}])
+
+
+class RequestedOutput(BaseModel):
+    name: str = Field(examples=["label"])
+    parameters: dict[str, Any] | None = Field(None, examples=[{"binary_data": False}])
+
+
+class InferRequestBody(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] | None = Field(None, examples=[{"binary_data_output": False}])
+    inputs: list[InferInput]
+    outputs: list[RequestedOutput] | None = Field(
+        None, description="The outputs to return (default: probabilities and label)."
+    )
+
+
+class InferOutput(BaseModel):
+    name: str = Field(examples=["label"])
+    datatype: str = Field(examples=["BYTES"])
+    shape: list[int] = Field(examples=[[1]])
+    data: list[Any] | None = Field(None, examples=[["cat"]])
+    parameters: dict[str, Any] | None = None
+
+
+class InferResponseBody(BaseModel):
+    model_name: str = Field(examples=["final"])
+    id: str | None = None
+    outputs: list[InferOutput]
+
+
+V2_ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"model": V2Error, "description": "No model of that name is served."},
+    503: {"model": V2Error, "description": "Loading, draining or full; retry after Retry-After seconds."},
+}
+INFER_DESCRIPTION = (
+    "The Open Inference Protocol's inference request: the input `image` (BYTES, shape [N]) holds N "
+    "image files, base64 in JSON or raw with the binary tensor data extension (header "
+    "Inference-Header-Content-Length); outputs `probabilities` and `label` by default, and "
+    "`ood_score`, `unsure` and `heatmap` when named in `outputs`. Images are decoded, limited and "
+    "batched as by /predict."
+)
+
+
 def inference_router(models: Mapping[str, ServedModel]) -> APIRouter:
     """POST /v2/models/<name>/infer for each served model: concrete paths, so that app.main can give
     them the API key, admission and metrics by path, as it does /predict."""
-    router = APIRouter(tags=["v2"], include_in_schema=False)
+    router = APIRouter(tags=["v2"])
     for name in models:
-        router.add_api_route(f"/v2/models/{name}/infer", _infer_endpoint(name), methods=["POST"])
+        router.add_api_route(
+            f"/v2/models/{name}/infer",
+            _infer_endpoint(name),
+            methods=["POST"],
+            summary=f"Classify images with model {name} (Open Inference Protocol)",
+            description=INFER_DESCRIPTION,
+            response_model=InferResponseBody,
+            responses={
+                400: {"model": V2Error, "description": "A bad tensor or image."},
+                413: {"model": V2Error, "description": "Over a limit (body, files, pixels)."},
+                **V2_ERRORS,
+            },
+            openapi_extra={
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": InferRequestBody.model_json_schema()},
+                        "application/octet-stream": {
+                            "schema": {"type": "string", "format": "binary"},
+                            "description": "A JSON header of Inference-Header-Content-Length bytes, "
+                            "then the tensors' bytes.",
+                        },
+                    },
+                }
+            },
+        )
     return router
 
 
@@ -332,20 +430,44 @@ def _infer_endpoint(name: str):
     return infer
 
 
-router = APIRouter(tags=["v2"], include_in_schema=False)
+router = APIRouter(tags=["v2"])
 
 
-@router.get("/v2")
+class ServerMetadata(BaseModel):
+    name: str = Field(examples=["cifar10-cnn"])
+    version: str = Field(examples=["0.9.0"])
+    extensions: list[str] = Field(examples=[EXTENSIONS])
+
+
+class Live(BaseModel):
+    live: bool
+
+
+class Ready(BaseModel):
+    ready: bool
+
+
+class ModelReady(BaseModel):
+    name: str = Field(examples=["final"])
+    ready: bool
+
+
+@router.get("/v2", summary="Server metadata (Open Inference Protocol)", response_model=ServerMetadata)
 async def server_metadata(request: Request) -> dict[str, Any]:
     return {"name": request.app.title, "version": request.app.version, "extensions": EXTENSIONS}
 
 
-@router.get("/v2/health/live")
+@router.get("/v2/health/live", summary="The process is up (Open Inference Protocol)", response_model=Live)
 async def live() -> dict[str, bool]:
     return {"live": True}
 
 
-@router.get("/v2/health/ready")
+@router.get(
+    "/v2/health/ready",
+    summary="Every served model is ready (Open Inference Protocol)",
+    response_model=Ready,
+    responses={503: V2_ERRORS[503]},
+)
 async def ready(request: Request) -> Response:
     for served in request.app.state.v2_models.values():
         if not served.service.ready:
@@ -353,12 +475,22 @@ async def ready(request: Request) -> Response:
     return JSONResponse({"ready": True})
 
 
-@router.get("/v2/models/{name}")
+@router.get(
+    "/v2/models/{name}",
+    summary="A model's input and outputs (Open Inference Protocol)",
+    response_model=ModelMetadata,
+    responses={404: V2_ERRORS[404]},
+)
 async def model_metadata(request: Request, name: str) -> dict[str, Any]:
     return _model(request, name).metadata()
 
 
-@router.get("/v2/models/{name}/ready")
+@router.get(
+    "/v2/models/{name}/ready",
+    summary="A model is ready (Open Inference Protocol)",
+    response_model=ModelReady,
+    responses=V2_ERRORS,
+)
 async def model_ready(request: Request, name: str) -> Response:
     served = _model(request, name)
     if not served.service.ready:
@@ -366,7 +498,7 @@ async def model_ready(request: Request, name: str) -> Response:
     return JSONResponse({"name": name, "ready": True})
 
 
-@router.post("/v2/models/{name}/infer")
+@router.post("/v2/models/{name}/infer", include_in_schema=False)
 async def unknown_model_infer(request: Request, name: str) -> Response:
     """Served models' infer paths are declared (before this one) by `inference_router`."""
     _model(request, name)  # raises 404 for an unknown name

@@ -169,12 +169,17 @@ def test_the_page_fits_a_phone(browser, service):
 
 
 def test_swagger_try_it_out_uploads_files_and_shows_predictions(page, service):
+    console: list[str] = []
+    page.on("console", lambda message: console.append(f"{message.type}: {message.text}"))
     page.goto(service + "/docs")
     op = page.locator(".opblock-post", has_text="/predict").first
     op.locator(".opblock-summary").click()
     op.locator(".try-out__btn").click()
     chooser = op.locator("input[type=file]")
     assert chooser.count() == 1  # a file chooser, not a text box
+    assert "array<file>" in op.text_content() and "Add file item" in op.text_content()
+    assert page.locator(".btn.authorize").count() == 0  # no key is configured: nothing to authorize
+    assert page.locator(".opblock-tag", has_text="v2").count() == 1  # the v2 routes are listed
     chooser.set_input_files(str(SAMPLES[8]))
     op.locator(".execute").click()
     status = op.locator(".live-responses-table .response .response-col_status").first
@@ -183,6 +188,7 @@ def test_swagger_try_it_out_uploads_files_and_shows_predictions(page, service):
     body = op.locator(".live-responses-table .response-col_description .microlight").first.text_content()
     assert f'"label": "{expected_label(SAMPLES[8])}"' in body and '"filename": "ship.jpg"' in body
     assert outside(page.requests, service) == []
+    assert console == []  # no "Could not find component", no failed request (a favicon's 404)
 
 
 def test_the_docs_make_no_request_outside_the_service(page, service):

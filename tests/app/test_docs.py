@@ -59,3 +59,9 @@ def test_openapi_documents_every_error_response(client):
     assert set(schema["components"]["schemas"]["ErrorBody"]["properties"]) >= {"detail", "code", "files"}
     for path in ("/model/summary", "/metrics", "/health/live", "/health/ready"):
         assert path in schema["paths"]
+
+
+def test_the_favicon_every_browser_asks_for_is_served(client):
+    r = client.get("/favicon.ico")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert r.content.startswith(b"\x89PNG")

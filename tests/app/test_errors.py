@@ -92,10 +92,12 @@ def test_pillows_own_bomb_limit_is_a_413_too(client):
     assert_error(post(client, ("huge.png", png_header_only(100_000, 100_000))), 413, "too_many_pixels")
 
 
-def test_body_over_the_limit_is_refused_from_content_length(serve):
+def test_body_over_the_limit_is_refused_from_content_length(serve, caplog):
     with serve(max_body_bytes=20_000) as client:
         r = post(client, ("big.bmp", encode(blobs(0, (100, 100)), "BMP")))  # 30 kB
-        assert_error(r, 413, "body_too_large", "20,000")
+        assert_error(r, 413, "body_too_large", "20,000", "send fewer or smaller files")
+        assert "CIFAR10" not in r.json()["detail"]  # the client is told what it can do
+        assert "CIFAR10_MAX_BODY_BYTES" in caplog.text  # and the operator what to set
         assert post(client, ("ok.png", png_bytes(0))).status_code == 200
 
 
@@ -115,10 +117,11 @@ def test_chunked_body_over_the_limit_is_refused_while_reading(serve):
         assert post(client, ("ok.png", png_bytes(0))).status_code == 200
 
 
-def test_too_many_files_is_413(serve):
+def test_too_many_files_is_413(serve, caplog):
     with serve(max_files=3) as client:
         r = post(client, *[(f"{i}.png", png_bytes(i)) for i in range(4)])
-        assert_error(r, 413, "too_many_files", "4 files", "at most 3")
+        assert_error(r, 413, "too_many_files", "4 files", "at most 3", "split them over several requests")
+        assert "CIFAR10" not in r.json()["detail"] and "CIFAR10_MAX_FILES" in caplog.text
         assert post(client, *[(f"{i}.png", png_bytes(i)) for i in range(3)]).status_code == 200
 
 
