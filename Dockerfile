@@ -66,11 +66,12 @@ RUN torch_dir=$(python -c "import importlib.util; print(importlib.util.find_spec
     && python -m pip uninstall --yes pip setuptools \
     && python -c "import torch; print('torch', torch.__version__, torch.zeros(2, 3).sum().item())"
 
-# The code and the shipped weights (FinalModel, and LiteModel served as model "lite"), readable by
+# The code and the shipped weights (FinalModel; LiteModel and AirbenchNet served as models "lite"
+# and "best"), readable by
 # every user whatever modes the checkout has (training writes its checkpoints owner-only); root
 # owns them, so the server cannot change them.
 COPY app/ /src/app/
-COPY weights/final_model.pt weights/lite_model.pt /src/weights/
+COPY weights/final_model.pt weights/lite_model.pt weights/best_model.pt /src/weights/
 RUN chmod -R a+rX,go-w /src
 
 # ---- runtime ------------------------------------------------------------------------------------
@@ -99,6 +100,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     UVICORN_BACKLOG=2048 \
     CIFAR10_WEIGHTS=/app/weights/final_model.pt \
     CIFAR10_LITE_WEIGHTS=/app/weights/lite_model.pt \
+    CIFAR10_BEST_WEIGHTS=/app/weights/best_model.pt \
     CIFAR10_DEVICE=auto
 
 COPY --from=builder /opt/venv /opt/venv

@@ -132,6 +132,7 @@ def model_summary(service: ModelService, model: str | None = None) -> ModelSumma
         total_params=loaded.total_params,
         trainable_params=loaded.trainable_params,
         non_trainable_params=loaded.total_params - loaded.trainable_params,
+        macs=loaded.macs,
         input_shape=list(INPUT_SHAPE),
         layers=[
             LayerInfo(name=r.name, type=r.type, output_shape=list(r.output_shape), params=r.params)

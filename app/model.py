@@ -321,6 +321,35 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return total, trainable
 
 
+def multiply_accumulates(model: nn.Module, input_shape: tuple[int, ...] = INPUT_SHAPE) -> int:
+    """Multiply-accumulates of the convolutions and linear layers for one image (the rest, pooling,
+    normalisation and activations, is a small share)."""
+    total = 0
+
+    def hook(module: nn.Module, _inputs, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            per_output = (module.in_channels // module.groups) * module.kernel_size[0] * module.kernel_size[1]
+            total += output[0].numel() * per_output
+        elif isinstance(module, nn.Linear):
+            total += output[0].numel() * module.in_features
+
+    handles = [
+        m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
+    param = next(model.parameters())
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return total
+
+
 @dataclass(frozen=True)
 class LayerRow:
     name: str  # "Conv2d-1", numbered in execution order like torchsummary

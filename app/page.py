@@ -128,7 +128,7 @@ def swagger(request: Request) -> HTMLResponse:
         swagger_css_url=f"{root}/static-offline-docs/swagger-ui.css",
         swagger_favicon_url=f"{root}/static-offline-docs/favicon.png",
     )
-    html = page.body.decode()
+    html = bytes(page.body).decode()
     html = html.replace(
         "<script>\n    const ui = SwaggerUIBundle(",
         SWAGGER_PLUGIN + "<script>\n    const ui = SwaggerUIBundle(",

@@ -122,6 +122,7 @@ class ModelSummary(BaseModel):
     total_params: int
     trainable_params: int
     non_trainable_params: int
+    macs: int = Field(description="Multiply-accumulates of the convolutions and linear layers per image.")
     input_shape: list[int]
     layers: list[LayerInfo] = Field(description="Every leaf layer, measured with forward hooks.")
     device: str

@@ -47,7 +47,16 @@ from app.checkpoint import CheckpointError, build_model, load_checkpoint
 from app.device import resolve_device
 from app.imaging import UploadError, read_upload
 from app.metrics import RELOAD_OUTCOMES, Metrics
-from app.model import CLASSES, INPUT_SHAPE, MODEL_KEYS, LayerRow, StagedNet, count_parameters, layer_table
+from app.model import (
+    CLASSES,
+    INPUT_SHAPE,
+    MODEL_KEYS,
+    LayerRow,
+    StagedNet,
+    count_parameters,
+    layer_table,
+    multiply_accumulates,
+)
 from app.predictor import (
     Answers,
     Predictor,
@@ -159,6 +168,7 @@ class LoadedModel:
     weights_file: str
     meta: dict[str, Any]
     layers: list[LayerRow]
+    macs: int  # multiply-accumulates per image
     total_params: int
     trainable_params: int
     loaded_at: str
@@ -204,6 +214,7 @@ def load_model(
     except ValueError as exc:
         raise CheckpointError(f"weights file {weights}: {exc}") from None
     layers = layer_table(model)  # measured on the CPU, before the move
+    macs = multiply_accumulates(model)
     total, trainable = count_parameters(model)
     model.to(device)
     predictor = (_reference_predictor if make_predictor is None else make_predictor)(model, device)
@@ -232,6 +243,7 @@ def load_model(
         weights_file=Path(ckpt.path).name,
         meta=ckpt.meta,
         layers=layers,
+        macs=macs,
         total_params=total,
         trainable_params=trainable,
         loaded_at=datetime.now(UTC).isoformat(timespec="seconds"),

@@ -139,9 +139,10 @@ pid1=$("$DOCKER" exec "$cid" sh -c 'tr "\0" " " </proc/1/cmdline')
     fail "torchvision is installed in the image"
 baked_sha=$("$DOCKER" exec "$cid" sha256sum /app/weights/final_model.pt | cut -d' ' -f1)
 baked_lite_sha=$("$DOCKER" exec "$cid" sha256sum /app/weights/lite_model.pt | cut -d' ' -f1)
+baked_best_sha=$("$DOCKER" exec "$cid" sha256sum /app/weights/best_model.pt | cut -d' ' -f1)
 echo "uid $uid; PID 1: $pid1"
 
-say "POST /predict with real images (FinalModel, then LiteModel), a non-image, GET /model/summary and /metrics"
+say "POST /predict with real images (FinalModel, then LiteModel and AirbenchNet), a non-image, GET /model/summary and /metrics"
 images=$workdir/images
 mkdir -p "$images"
 python3 - "$data" "$images" <<'PY'
@@ -187,7 +188,7 @@ png = (
 (out / "gradient.png").write_bytes(png)
 PY
 
-python3 - "$port" "$images" "$baked_sha" "$baked_lite_sha" <<'PY'
+python3 - "$port" "$images" "$baked_sha" "$baked_lite_sha" "$baked_best_sha" <<'PY'
 """Check the answers of the running service (standard library only)."""
 import json
 import pathlib
@@ -198,7 +199,8 @@ import uuid
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 TOP_K = 3
-port, images, baked_sha, baked_lite_sha = sys.argv[1], sorted(pathlib.Path(sys.argv[2]).iterdir()), *sys.argv[3:5]
+port, images = sys.argv[1], sorted(pathlib.Path(sys.argv[2]).iterdir())
+baked_sha, baked_lite_sha, baked_best_sha = sys.argv[3:6]
 base = f"http://127.0.0.1:{port}"
 
 
@@ -249,13 +251,14 @@ real = sum(name.endswith(".jpg") for name, _, _ in files)
 if real:
     print(f"  {correct} of {real} CIFAR-10 test images labelled right")
 
-status, answer = post_files(files, "?model=lite")
-if status != 200 or len(answer.get("predictions", [])) != len(files):
-    fail(f"/predict?model=lite answered {status}: {answer}")
-if answer.get("model", {}).get("id") != "lite" or answer["model"].get("sha256") != baked_lite_sha:
-    fail(f"/predict?model=lite should answer with the baked-in LiteModel, not {answer.get('model')}")
-lite_right = sum(p["label"] == pathlib.Path(name).stem for (name, _, _), p in zip(files, answer["predictions"]))
-print(f"  LiteModel: {lite_right} of {real} CIFAR-10 test images labelled right")
+for model, name, sha in (("lite", "LiteModel", baked_lite_sha), ("best", "AirbenchNet", baked_best_sha)):
+    status, answer = post_files(files, f"?model={model}")
+    if status != 200 or len(answer.get("predictions", [])) != len(files):
+        fail(f"/predict?model={model} answered {status}: {answer}")
+    if answer.get("model", {}).get("id") != model or answer["model"].get("sha256") != sha:
+        fail(f"/predict?model={model} should answer with the baked-in {name}, not {answer.get('model')}")
+    right = sum(p["label"] == pathlib.Path(n).stem for (n, _, _), p in zip(files, answer["predictions"]))
+    print(f"  {name}: {right} of {real} CIFAR-10 test images labelled right")
 
 status, answer = post_files([("notes.txt", b"this is not an image", "text/plain")])
 if not 400 <= status < 500 or not isinstance(answer, dict):

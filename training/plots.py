@@ -26,16 +26,22 @@ def accuracy_series(history: list[dict]) -> dict[str, list[float]]:
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
+    """Loss, accuracy and (where the history records it) learning rate per epoch; a teacher's
+    history (python -m training.teacher) has no validation loss or learning rate."""
     epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(15, 4))
+    with_lr = all("lr" in h for h in history)
+    fig, axes = plt.subplots(1, 3 if with_lr else 2, figsize=(15 if with_lr else 10, 4))
+    ax_loss, ax_acc = axes[0], axes[1]
     ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train (the training objective)")
-    ax_loss.plot(epochs, [h["val_loss"] for h in history], label="validation (cross-entropy)")
+    if all("val_loss" in h for h in history):
+        ax_loss.plot(epochs, [h["val_loss"] for h in history], label="validation (cross-entropy)")
     ax_loss.set(title="Loss", xlabel="epoch")
     for label, values in accuracy_series(history).items():
         ax_acc.plot(epochs, values, label=label)
     ax_acc.set(title="Accuracy (%)", xlabel="epoch")
-    ax_lr.plot(epochs, [h["lr"] for h in history])
-    ax_lr.set(title="Learning rate at epoch end", xlabel="epoch")
+    if with_lr:
+        axes[2].plot(epochs, [h["lr"] for h in history])
+        axes[2].set(title="Learning rate at epoch end", xlabel="epoch")
     for ax in (ax_loss, ax_acc):
         ax.legend()
         ax.grid(alpha=0.3)

@@ -16,6 +16,12 @@ def test_summary_json_describes_the_model_and_its_checkpoint(client, weights):
     s = r.json()
     assert s["model"] == "FinalModel"
     assert s["total_params"] == s["trainable_params"] == 149_584
+    # each convolution's output pixels x output channels x inputs per output, from the layer table
+    convs = [(32, 32, 3, 9), (32, 64, 32, 9), (32, 16, 64, 1), (28, 16, 16, 9), (28, 32, 16, 9),
+             (28, 64, 32, 9), (28, 32, 64, 1), (24, 32, 32, 9), (24, 64, 32, 9), (24, 64, 1, 9),
+             (24, 256, 64, 1), (24, 32, 256, 1), (20, 32, 32, 9), (20, 64, 32, 9), (20, 64, 1, 9),
+             (20, 256, 64, 1)]  # fmt: skip  # (side, out channels, in channels per group, kernel area)
+    assert s["macs"] == sum(side * side * out * inputs * k for side, out, inputs, k in convs) + 256 * 10
     assert s["non_trainable_params"] == 0
     assert s["input_shape"] == [3, 32, 32]
     assert s["device"] == "cpu" and s["dtype"] == "float32"

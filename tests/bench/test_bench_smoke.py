@@ -23,13 +23,15 @@ pytestmark = pytest.mark.slow  # a real server or subprocess: .ci/run runs these
 BENCH_SCRIPTS = sorted(p.name for p in (REPO / "bench").glob("*.py"))
 # each has a test below
 SMOKE_TESTED = {
-    "backends.py", "explain_latency.py", "overload.py", "serve_load.py", "soak.py", "train_throughput.py"
+    "backends.py", "explain_latency.py", "models_load.py", "overload.py", "serve_load.py", "soak.py",
+    "train_throughput.py",
 }  # fmt: skip
 
 
 SMOKE_ARGS = {  # script -> its arguments besides --smoke; "{data}" is the tiny archive
     "backends.py": ["--data", "{data}", "--labels"],
     "explain_latency.py": ["--data", "{data}"],
+    "models_load.py": ["--data", "{data}"],
     "overload.py": ["--data", "{data}"],
     "soak.py": ["--data", "{data}"],
     "serve_load.py": ["--data", "{data}"],
@@ -108,6 +110,13 @@ def test_explain_latency_smoke(smoke_runs):
     for name in ("plain", "heatmap"):
         assert re.search(rf"^round 1 {name} +p50 [\d.]+ ms$", out, re.M), out
     assert re.search(r"heatmap / plain [\d.]+$", out, re.M), out
+
+
+def test_models_load_smoke(smoke_runs):
+    out = smoke_runs("models_load.py")
+    assert "| model | images/s, 4 clients | p50 ms | p99 ms | / FinalModel | one client p50 ms |" in out
+    for model in ("final", "lite", "best"):  # the shipped weights, all three served
+        assert re.search(rf"^\| {model} \| [\d,]+ \| ", out, re.M), f"no row for {model}\n{out}"
 
 
 def test_serve_load_smoke(smoke_runs):

@@ -31,3 +31,11 @@ def test_a_run_without_an_average_draws_one_validation_curve():
     series = accuracy_series([row(1, 0.60), row(2, 0.70)])
     assert list(series) == ["train (augmented)", "validation"]
     assert series["validation"] == pytest.approx([60.0, 70.0])
+
+
+def test_a_teachers_history_draws_without_validation_loss_or_learning_rate(tmp_path):
+    history = [
+        {"epoch": e, "train_loss": 2.0 / e, "train_acc": 0.3 * e, "val_acc": 0.25 * e} for e in (1, 2, 3)
+    ]
+    plot_curves(history, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 1000
