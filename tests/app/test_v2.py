@@ -143,9 +143,12 @@ def test_health_and_metadata_through_tritonclient(triton_client):
     model = triton_client.get_model_metadata("final")
     assert model["name"] == "final"
     assert model["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
-    assert model["outputs"] == [
+    assert model["outputs"] == [  # the default two, then the optional ones (a calibrated checkpoint)
         {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]},
         {"name": "label", "datatype": "BYTES", "shape": [-1]},
+        {"name": "ood_score", "datatype": "FP32", "shape": [-1]},
+        {"name": "unsure", "datatype": "BOOL", "shape": [-1]},
+        {"name": "heatmap", "datatype": "FP32", "shape": [-1, 32, 32]},
     ]
 
 

@@ -219,6 +219,7 @@ def test_torchrun_two_cpu_processes(tiny_data, tmp_path):
         "history.json",
         "last.pt",
         "misclassified.png",
+        "reliability.png",
     ]
 
 
