@@ -194,7 +194,7 @@ def test_train_throughput_distill_smoke():
     row = (
         r"^1 proc x 1 thr, batch 8, (fp32|bf16) \+ channels_last, .* full step: "
         r"plain [\d.]+ then [\d.]+ img/s, distilled from a 11,000-parameter teacher \((bf16|float32), "
-        r"channels_last, inference mode \(bf16 labels agree with float32 on [\d.]+% of validation images\)\) "
+        r"channels_last, inference mode \(bf16 labels agree with float32 on [\d.]+% of [\d,]+ images\)\) "
         r"[\d.]+ img/s; "
         r"distilled / plain [\d.]+$"
     )
