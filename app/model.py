@@ -321,6 +321,22 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return total, trainable
 
 
+def _probe(model: nn.Module, modules: list[nn.Module], hook, input_shape: tuple[int, ...]) -> None:
+    """One forward pass of a zero image in eval mode with `hook` on `modules`; the model is left
+    as it was (mode, no hooks)."""
+    handles = [m.register_forward_hook(hook) for m in modules]
+    param = next(model.parameters())
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+
+
 def multiply_accumulates(model: nn.Module, input_shape: tuple[int, ...] = INPUT_SHAPE) -> int:
     """Multiply-accumulates of the convolutions and linear layers for one image (the rest, pooling,
     normalisation and activations, is a small share)."""
@@ -334,19 +350,7 @@ def multiply_accumulates(model: nn.Module, input_shape: tuple[int, ...] = INPUT_
         elif isinstance(module, nn.Linear):
             total += output[0].numel() * module.in_features
 
-    handles = [
-        m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
-    ]
-    param = next(model.parameters())
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype))
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    _probe(model, [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))], hook, input_shape)
     return total
 
 
@@ -368,18 +372,7 @@ def layer_table(model: nn.Module, input_shape: tuple[int, ...] = INPUT_SHAPE) ->
         shape = (-1, *output.shape[1:])
         rows.append(LayerRow(f"{kind}-{len(rows) + 1}", kind, tuple(shape), params))
 
-    leaves = [m for m in model.modules() if not list(m.children())]
-    handles = [m.register_forward_hook(hook) for m in leaves]
-    param = next(model.parameters())
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype))
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    _probe(model, [m for m in model.modules() if not list(m.children())], hook, input_shape)
     return rows
 
 

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_load import (  # noqa: E402
     ROOT,
     add_data_flags,
+    add_server_flags,
     add_smoke_flag,
     drive,
     multipart_body,
@@ -63,10 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=1.0, help="seconds of requests before measuring a phase")
     p.add_argument("--rounds", type=int, default=3, help="rounds of plain, heatmap, plain")
     p.add_argument("--baseline-ref", default=None, help="also serve this git commit's code (plain /predict)")
-    p.add_argument("--max-batch-size", type=int, default=32, help="CIFAR10_MAX_BATCH_SIZE")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="CIFAR10_MAX_WAIT_MS")
-    p.add_argument("--workers", type=int, default=0, help="CIFAR10_WORKERS (0: one per core)")
-    p.add_argument("--startup-timeout", type=float, default=120.0, help="seconds to wait for readiness")
+    add_server_flags(p)
     add_smoke_flag(p, SMOKE)
     args = p.parse_args(argv)
     if args.smoke:

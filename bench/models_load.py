@@ -20,7 +20,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serve_load import ROOT, add_smoke_flag, drive, multipart_body, read_test_jpegs, start_server  # noqa: E402
+from serve_load import (  # noqa: E402
+    ROOT,
+    add_server_flags,
+    add_smoke_flag,
+    drive,
+    multipart_body,
+    read_test_jpegs,
+    start_server,
+)
 
 SMOKE = {"images": 8, "clients": 4, "duration": 1.0, "warmup": 0.5, "single_duration": 1.0}
 WEIGHTS = {"final": "final_model.pt", "lite": "lite_model.pt", "best": "best_model.pt"}
@@ -39,10 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=8.0, help="seconds measured per model")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring")
     p.add_argument("--single-duration", type=float, default=4.0, help="seconds of the one-client phase")
-    p.add_argument("--max-batch-size", type=int, default=32, help="CIFAR10_MAX_BATCH_SIZE")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="CIFAR10_MAX_WAIT_MS")
-    p.add_argument("--workers", type=int, default=0, help="CIFAR10_WORKERS (0: one per core)")
-    p.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for readiness")
+    add_server_flags(p)
     add_smoke_flag(p, SMOKE)
     args = p.parse_args(argv)
     if args.smoke:

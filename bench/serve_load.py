@@ -99,6 +99,14 @@ def add_data_flags(p: argparse.ArgumentParser, what: str = "serve") -> None:
     )
 
 
+def add_server_flags(p: argparse.ArgumentParser) -> None:
+    """The settings every benchmark gives the server it starts (`start_server`)."""
+    p.add_argument("--max-batch-size", type=int, default=32, help="CIFAR10_MAX_BATCH_SIZE for the server")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="CIFAR10_MAX_WAIT_MS for the server")
+    p.add_argument("--workers", type=int, default=0, help="CIFAR10_WORKERS (0: one per core)")
+    p.add_argument("--startup-timeout", type=float, default=120.0, help="seconds to wait for /health/ready")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python bench/serve_load.py",
@@ -112,9 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring")
     p.add_argument("--single-duration", type=float, default=4.0, help="seconds of the one-client phase")
     p.add_argument("--bare-duration", type=float, default=3.0, help="seconds per bare-model measurement")
-    p.add_argument("--max-batch-size", type=int, default=32, help="CIFAR10_MAX_BATCH_SIZE for the server")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="CIFAR10_MAX_WAIT_MS for the server")
-    p.add_argument("--workers", type=int, default=0, help="CIFAR10_WORKERS (0: one per core)")
+    add_server_flags(p)
     p.add_argument(
         "--modes",
         default="on,off,route",
@@ -138,7 +144,6 @@ def build_parser() -> argparse.ArgumentParser:
         default="raw",
         help="load generator: raw asyncio HTTP/1.1 (light, like wrk) or httpx.AsyncClient",
     )
-    p.add_argument("--startup-timeout", type=float, default=120.0, help="seconds to wait for /health/ready")
     add_smoke_flag(p, SMOKE)
     return p
 

@@ -20,64 +20,16 @@
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-sandbox=${DOCKER_SANDBOX:-$(dirname "$repo")/shared/tools/docker-sandbox}
+check="docker smoke test"
 tag=${SMOKE_TAG:-cifar10-cnn:smoke}
 timeout_s=${SMOKE_TIMEOUT:-180}
 data=$(dirname "$repo")/shared/data/cifar10-jpeg.tar.gz
-
-if [[ ! -f $sandbox ]]; then
-    echo "skipped: docker smoke test: the docker-sandbox tool is not at $sandbox (set DOCKER_SANDBOX to use another)"
-    exit 0
-fi
-if [[ $EUID -ne 0 ]]; then
-    echo "skipped: docker smoke test: docker-sandbox must run as root"
-    exit 0
-fi
-
-# The tool is a bash script; a copy may have lost its execute bit.
-ds() { if [[ -x $sandbox ]]; then "$sandbox" "$@"; else bash "$sandbox" "$@"; fi; }
-say() { printf '== %s\n' "$*"; }
-fail() {
-    printf 'FAIL: %s\n' "$*" >&2
-    exit 1
-}
-now() { date +%s.%N; }
-since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
-free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-
-# Leave a sandbox engine that was already running (someone else's) as it was.
-engine_was_up=0
-status=$(ds status 2>/dev/null || true)
-if [[ $status == *"dockerd: pid"* ]]; then engine_was_up=1; fi
-
-containers=()
 cid=""
-workdir=$(mktemp -d)
-cleanup() {
-    local rc=$?
-    if ((rc != 0)) && [[ -n ${cid:-} ]]; then
-        echo "-- the container's last log lines:" >&2
-        "$DOCKER" logs --tail 40 "$cid" >&2 || true
-    fi
-    if ((${#containers[@]})) && [[ -n ${DOCKER:-} ]]; then
-        "$DOCKER" rm -f "${containers[@]}" >/dev/null 2>&1 || true
-    fi
-    if ((engine_was_up == 0)); then ds down >/dev/null 2>&1 || true; fi
-    rm -rf "$workdir"
-    exit "$rc"
-}
-trap cleanup EXIT
+# shellcheck source=scripts/docker_lib.sh
+. "$repo/scripts/docker_lib.sh"
 
 say "starting the Docker engine (docker-sandbox up)"
-up_out=$(ds up)
-eval "$up_out"
-: "${DOCKER:?docker-sandbox up did not export DOCKER}"
-
-# The sandbox adds its torch wheel with --find-links, on top of PyPI; pin that wheel's version,
-# or pip would prefer PyPI's newer (CUDA) torch.
-build_args=()
-torch_version=$(sed -n 's/^# wheel served: torch-\([^-]*\)-.*\.whl$/\1/p' <<<"$up_out" | head -n 1)
-if [[ -n $torch_version ]]; then build_args+=(--build-arg "TORCH_SPEC=torch==$torch_version"); fi
+start_engine
 if [[ ${SMOKE_NO_CACHE:-0} == 1 ]]; then build_args+=(--no-cache); fi
 read -r -a extra_build_args <<<"${SMOKE_BUILD_ARGS:-}"
 build_args+=(${extra_build_args[@]+"${extra_build_args[@]}"})

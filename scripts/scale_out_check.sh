@@ -19,60 +19,17 @@
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-sandbox=${DOCKER_SANDBOX:-$(dirname "$repo")/shared/tools/docker-sandbox}
+check="scale-out check"
 tag=${SCALE_TAG:-cifar10-cnn:scale}
 seconds=${SCALE_SECONDS:-60}
 clients=${SCALE_CLIENTS:-4}
 rate=${SCALE_RATE:-60}
 stop_at=${SCALE_STOP_AT:-15}
-
-if [[ ! -f $sandbox ]]; then
-    echo "skipped: scale-out check: the docker-sandbox tool is not at $sandbox (set DOCKER_SANDBOX to use another)"
-    exit 0
-fi
-if [[ $EUID -ne 0 ]]; then
-    echo "skipped: scale-out check: docker-sandbox must run as root"
-    exit 0
-fi
-
-ds() { if [[ -x $sandbox ]]; then "$sandbox" "$@"; else bash "$sandbox" "$@"; fi; }
-say() { printf '== %s\n' "$*"; }
-fail() {
-    printf 'FAIL: %s\n' "$*" >&2
-    exit 1
-}
-free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-
-engine_was_up=0
-status=$(ds status 2>/dev/null || true)
-if [[ $status == *"dockerd: pid"* ]]; then engine_was_up=1; fi
-
-containers=()
-workdir=$(mktemp -d)
-cleanup() {
-    local rc=$?
-    if ((rc != 0)) && ((${#containers[@]})) && [[ -n ${DOCKER:-} ]]; then
-        for id in "${containers[@]}"; do
-            echo "-- last log lines of $id:" >&2
-            "$DOCKER" logs --tail 20 "$id" >&2 || true
-        done
-    fi
-    if ((${#containers[@]})) && [[ -n ${DOCKER:-} ]]; then
-        "$DOCKER" rm -f "${containers[@]}" >/dev/null 2>&1 || true
-    fi
-    if ((engine_was_up == 0)); then ds down >/dev/null 2>&1 || true; fi
-    rm -rf "$workdir"
-    exit "$rc"
-}
-trap cleanup EXIT
+# shellcheck source=scripts/docker_lib.sh
+. "$repo/scripts/docker_lib.sh"
 
 say "starting the Docker engine and building $tag and an nginx image"
-up_out=$(ds up)
-eval "$up_out"
-: "${DOCKER:?docker-sandbox up did not export DOCKER}"
-build_args=()
-torch_version=$(sed -n 's/^# wheel served: torch-\([^-]*\)-.*\.whl$/\1/p' <<<"$up_out" | head -n 1)
-if [[ -n $torch_version ]]; then build_args+=(--build-arg "TORCH_SPEC=torch==$torch_version"); fi
+start_engine
 ds build "$repo" "$tag" "${build_args[@]}" >"$workdir/build.log" 2>&1 || {
     tail -n 40 "$workdir/build.log" >&2
     fail "docker build of the service failed"

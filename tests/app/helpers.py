@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 from pathlib import Path
 
@@ -41,3 +42,12 @@ def variant(weights: Path, path: Path, edit, **meta) -> Path:
         edit(model)
     save_checkpoint(path, model, **{**CHECKPOINT_META, **meta})
     return path
+
+
+def json_body(images: list[bytes], **header) -> dict:
+    """An Open Inference Protocol request with the input `image` as base64 JSON tensor data."""
+    data = [base64.b64encode(image).decode() for image in images]
+    return {
+        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(images)], "data": data}],
+        **header,
+    }

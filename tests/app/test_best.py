@@ -3,7 +3,6 @@ surface: /predict, /model/summary, /v2, reload, metrics; refused when the file h
 
 from __future__ import annotations
 
-import base64
 import io
 
 import pytest
@@ -17,7 +16,7 @@ from app.model import CLASSES, AirbenchNet
 from app.service import StartupError, load_model
 
 from .conftest import CHECKPOINT_META, SMALL_AIRBENCH, distinct_model
-from .helpers import value
+from .helpers import json_body, value
 from .images import png_bytes
 
 ADMIN = {"Authorization": "Bearer s3cret"}
@@ -56,16 +55,7 @@ def test_the_summary_of_best_is_built_from_the_shape_its_checkpoint_records(thre
 
 def test_v2_lists_and_serves_best(three):
     images = [png_bytes(i) for i in range(3)]
-    body = {
-        "inputs": [
-            {
-                "name": "image",
-                "datatype": "BYTES",
-                "shape": [len(images)],
-                "data": [base64.b64encode(image).decode() for image in images],
-            }
-        ]
-    }
+    body = json_body(images)
     assert three.get("/v2/models/best/ready").json() == {"name": "best", "ready": True}
     r = three.post("/v2/models/best/infer", json=body)
     assert r.status_code == 200, r.text

@@ -3,7 +3,6 @@ them (/predict, its fast path, /v2, the summary), and nothing extra computed unl
 
 from __future__ import annotations
 
-import base64
 import io
 
 import pytest
@@ -21,6 +20,7 @@ from app.service import StartupError
 from training.calibrate import fit_detector, fit_temperature, stage_sizes
 
 from .conftest import CHECKPOINT_META, HookedPredictors, distinct_model
+from .helpers import json_body
 from .images import png_bytes
 
 
@@ -160,11 +160,8 @@ def test_explain_returns_a_heatmap_per_image_and_nothing_extra_runs_without_it(s
 
 def test_v2_gives_the_optional_outputs_when_named(serve, calibrated):
     images = [png_bytes(2), noise_png(1)]
-    body = {
-        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [2],
-                    "data": [base64.b64encode(b).decode() for b in images]}],
-        "outputs": [{"name": "label"}, {"name": "unsure"}, {"name": "ood_score"}, {"name": "heatmap"}],
-    }  # fmt: skip
+    wanted = [{"name": "label"}, {"name": "unsure"}, {"name": "ood_score"}, {"name": "heatmap"}]
+    body = json_body(images, outputs=wanted)
     with serve(weights=calibrated) as client:
         names = [o["name"] for o in client.get("/v2/models/final").json()["outputs"]]
         r = client.post("/v2/models/final/infer", json=body)
@@ -181,11 +178,7 @@ def test_v2_gives_the_optional_outputs_when_named(serve, calibrated):
 
 
 def test_v2_refuses_unsure_outputs_of_a_model_without_a_detector(client):
-    body = {
-        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
-                    "data": [base64.b64encode(png_bytes(0)).decode()]}],
-        "outputs": [{"name": "unsure"}],
-    }  # fmt: skip
+    body = json_body([png_bytes(0)], outputs=[{"name": "unsure"}])
     r = client.post("/v2/models/final/infer", json=body)
     assert r.status_code == 400 and "unknown output 'unsure'" in r.json()["error"]
 

@@ -3,7 +3,6 @@ reload, its own metrics, and clear answers when it is not served or not a LiteMo
 
 from __future__ import annotations
 
-import base64
 import io
 
 import pytest
@@ -19,7 +18,7 @@ from app.service import StartupError, load_model
 from app.settings import Settings
 
 from .conftest import CHECKPOINT_META, distinct_model
-from .helpers import value
+from .helpers import json_body, value
 from .images import png_bytes
 
 ADMIN = {"Authorization": "Bearer s3cret"}
@@ -146,16 +145,7 @@ def test_metrics_name_each_model(both):
 
 def test_v2_serves_lite_with_the_same_labels_as_predict(both):
     images = [png_bytes(i) for i in range(4)]
-    body = {
-        "inputs": [
-            {
-                "name": "image",
-                "datatype": "BYTES",
-                "shape": [len(images)],
-                "data": [base64.b64encode(image).decode() for image in images],
-            }
-        ]
-    }
+    body = json_body(images)
     assert both.get("/v2/models/lite").json()["name"] == "lite"
     assert both.get("/v2/models/lite/ready").json() == {"name": "lite", "ready": True}
     r = both.post("/v2/models/lite/infer", json=body)

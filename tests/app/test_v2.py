@@ -23,6 +23,7 @@ from tritonclient.utils import InferenceServerException
 from app.model import CLASSES
 
 from ..live import REPO, live_service
+from .helpers import json_body
 from .images import png_bytes
 
 SAMPLES = sorted((REPO / "samples").glob("*.jpg"))
@@ -51,14 +52,6 @@ def binary_body(images: list[bytes], **header) -> tuple[bytes, dict[str, str]]:
     tensor["parameters"] = {"binary_data_size": len(raw)}
     head = json.dumps({"inputs": [tensor], **header}).encode()
     return head + raw, {"Inference-Header-Content-Length": str(len(head))}
-
-
-def json_body(images: list[bytes], **header) -> dict:
-    data = [base64.b64encode(image).decode() for image in images]
-    return {
-        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(images)], "data": data}],
-        **header,
-    }
 
 
 # -- a live server and tritonclient ------------------------------------------------------------

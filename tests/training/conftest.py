@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import io
+import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -113,3 +116,24 @@ def train_main(capsys) -> Callable[..., tuple[int, str]]:
 
     yield call
     torch.set_num_threads(threads)
+
+
+def signal_one_torchrun_worker(cmd: list[str], out: Path) -> str:
+    """Start a two-process torchrun `cmd`; once its first epoch is in out/history.json, SIGINT one
+    worker only (as a late-arriving signal is) and wait for the launcher; its stderr."""
+    launcher = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+    while not (out / "history.json").exists() and time.monotonic() < deadline and launcher.poll() is None:
+        time.sleep(0.05)
+    assert launcher.poll() is None, "the run ended before it could be interrupted"
+    workers = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+    assert len(workers) == 2
+    os.kill(int(workers[-1]), signal.SIGINT)
+    return launcher.communicate(timeout=60)[1]

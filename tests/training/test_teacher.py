@@ -4,18 +4,14 @@ teacher format still loading."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from app.model import AirbenchNet
+from app.model import CLASSES, MEAN, STD, AirbenchNet
 from app.preprocess import normalize
 from training.teacher import (
     LEGACY_FORMAT,
@@ -30,7 +26,7 @@ from training.teacher import (
     whiten_init,
 )
 
-from .conftest import REPO, SUBPROCESS_TIMEOUT
+from .conftest import REPO, SUBPROCESS_TIMEOUT, signal_one_torchrun_worker
 
 
 def smooth_images(n: int, seed: int = 0) -> torch.Tensor:
@@ -152,20 +148,9 @@ def test_a_teacher_written_before_airbenchnet_loads_with_the_same_logits(tmp_pat
         {
             "format": LEGACY_FORMAT,
             "widths": [32, 64, 256, 256],
-            "classes": [
-                "airplane",
-                "automobile",
-                "bird",
-                "cat",
-                "deer",
-                "dog",
-                "frog",
-                "horse",
-                "ship",
-                "truck",
-            ],
-            "mean": [0.4914, 0.4822, 0.4465],
-            "std": [0.2470, 0.2435, 0.2616],
+            "classes": list(CLASSES),
+            "mean": list(MEAN),
+            "std": list(STD),
             "metrics": {"val_acc": 0.5},
             "state_dict": old.state_dict(),
         },
@@ -196,30 +181,8 @@ def test_a_signal_that_reaches_one_torchrun_teacher_worker_stops_both_saves_and_
         "--device",
         "cpu",
     ]
-    launcher = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            "-m",
-            "training.teacher",
-            *args,
-        ],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    deadline = time.monotonic() + SUBPROCESS_TIMEOUT
-    while not (out / "history.json").exists() and time.monotonic() < deadline and launcher.poll() is None:
-        time.sleep(0.05)
-    assert launcher.poll() is None, "the run ended before it could be interrupted"
-    workers = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
-    assert len(workers) == 2
-    os.kill(int(workers[-1]), signal.SIGINT)  # one worker only, as a late-arriving signal is
-    stderr = launcher.communicate(timeout=60)[1]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "training.teacher"]
+    stderr = signal_one_torchrun_worker([*torchrun, *args], out)
     assert "continue with --resume" in stderr, stderr[-3000:]
     state = torch.load(out / "last.pt", weights_only=True)
     assert 1 <= state["epoch"] < 300

@@ -17,7 +17,15 @@ import torch
 from app.checkpoint import build_model, load_checkpoint
 from app.model import CLASSES
 
-from .conftest import BEST_KEYS, REPO, SUBPROCESS_TIMEOUT, TRAIN_STATE_KEYS, run_evaluate, run_training
+from .conftest import (
+    BEST_KEYS,
+    REPO,
+    SUBPROCESS_TIMEOUT,
+    TRAIN_STATE_KEYS,
+    run_evaluate,
+    run_training,
+    signal_one_torchrun_worker,
+)
 
 # Small enough for seconds on a CPU: 120 images, 20 of them held out, batches of 20.
 TINY = ["--val-size", "20", "--batch-size", "20", "--lr", "0.05"]
@@ -340,22 +348,7 @@ def test_a_signal_that_reaches_one_torchrun_worker_stops_both_and_saves(tiny_dat
     """The ranks agree on the step to stop at: a rank that stopped alone would leave the other
     blocked in the gradient all-reduce, and the launcher would kill both before last.pt is saved."""
     out = tmp_path / "ddp"
-    launcher = subprocess.Popen(
-        torchrun_two_cpu(tiny_data, tmp_path, out, epochs=50),
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    deadline = time.monotonic() + SUBPROCESS_TIMEOUT
-    while not (out / "history.json").exists() and time.monotonic() < deadline and launcher.poll() is None:
-        time.sleep(0.05)
-    assert launcher.poll() is None, "the run ended before it could be interrupted"
-    workers = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
-    assert len(workers) == 2
-    os.kill(int(workers[-1]), signal.SIGINT)  # one worker only, as a late-arriving signal is
-    stderr = launcher.communicate(timeout=60)[1]
+    stderr = signal_one_torchrun_worker(torchrun_two_cpu(tiny_data, tmp_path, out, epochs=50), out)
     assert "continue with --resume" in stderr, stderr[-3000:]
     state = torch.load(out / "last.pt", weights_only=True)
     assert 1 <= state["epoch"] < 50
