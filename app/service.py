@@ -617,6 +617,26 @@ class ModelService:
     def request_done(self) -> None:
         self.in_flight -= 1
 
+    def _check_count(self, uploads: list[Upload]) -> None:
+        """NoImages for none, TooManyFiles for more than CIFAR10_MAX_FILES (which the log names
+        once, for the operator; the client is told what it can do)."""
+        if not uploads:
+            raise NoImages("no images: send one or more files in the field 'file'")
+        if len(uploads) > self.settings.max_files:
+            if not self._told_max_files:  # the setting is the operator's business, not the client's
+                self._told_max_files = True
+                log.warning(
+                    "a request of %d files went over %s (%d); later ones are counted in "
+                    'cifar10_rejected_total{reason="too_many_files"}',
+                    len(uploads),
+                    env_name("max_files"),
+                    self.settings.max_files,
+                )
+            raise TooManyFiles(
+                f"{len(uploads)} files in one request; this service takes at most "
+                f"{self.settings.max_files} a request: split them over several requests"
+            )
+
     async def classify(
         self,
         uploads: list[Upload],
@@ -636,22 +656,7 @@ class ModelService:
         # While draining, requests admitted before it began are still served.
         if self.state not in (State.READY, State.DRAINING) or batcher is None or pool is None:
             raise self.not_ready()
-        if not uploads:
-            raise NoImages("no images: send one or more files in the field 'file'")
-        if len(uploads) > self.settings.max_files:
-            if not self._told_max_files:  # the setting is the operator's business, not the client's
-                self._told_max_files = True
-                log.warning(
-                    "a request of %d files went over %s (%d); later ones are counted in "
-                    'cifar10_rejected_total{reason="too_many_files"}',
-                    len(uploads),
-                    env_name("max_files"),
-                    self.settings.max_files,
-                )
-            raise TooManyFiles(
-                f"{len(uploads)} files in one request; this service takes at most "
-                f"{self.settings.max_files} a request: split them over several requests"
-            )
+        self._check_count(uploads)
         try:
             ticket = batcher.reserve(len(uploads))
         except QueueFull as exc:
