@@ -55,7 +55,14 @@ def server(weights) -> Iterator:
     with contextlib.ExitStack() as stack:
 
         def start(*args: str, **env: str) -> launch.Server:
-            env = {"CIFAR10_WEIGHTS": str(weights), "CIFAR10_DEVICE": "cpu", "CIFAR10_WARMUP": "false", **env}
+            env = {
+                "CIFAR10_WEIGHTS": str(weights),
+                "CIFAR10_LITE_WEIGHTS": "",  # the optional models only where a test names them
+                "CIFAR10_BEST_WEIGHTS": "",
+                "CIFAR10_DEVICE": "cpu",
+                "CIFAR10_WARMUP": "false",
+                **env,
+            }
             return stack.enter_context(launch.running(env, args, cwd=REPO))
 
         yield start
