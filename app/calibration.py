@@ -124,18 +124,34 @@ class Calibration:
         return torch.softmax(logits.float() / self.temperature, dim=1)
 
 
-def expected_calibration_error(probabilities: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
-    """ECE over equal-width confidence bins (Guo et al. 2017's 15): the bins' |accuracy -
-    confidence|, weighted by their share of the images."""
+def reliability_bins(
+    probabilities: torch.Tensor, labels: torch.Tensor, bins: int = 15
+) -> list[tuple[float, float, float]]:
+    """(share of the images, accuracy, mean confidence) of each equal-width confidence bin;
+    (0, 0, 0) for an empty one."""
     confidence, predicted = probabilities.max(1)
     correct = (predicted == labels).float()
     edges = torch.linspace(0, 1, bins + 1)
-    ece = torch.zeros(())
+    out = []
     for lo, hi in zip(edges[:-1], edges[1:], strict=True):
         inside = (confidence > lo) & (confidence <= hi)
         if inside.any():
-            ece += inside.float().mean() * (correct[inside].mean() - confidence[inside].mean()).abs()
-    return float(ece)
+            out.append(
+                (
+                    float(inside.float().mean()),
+                    float(correct[inside].mean()),
+                    float(confidence[inside].mean()),
+                )
+            )
+        else:
+            out.append((0.0, 0.0, 0.0))
+    return out
+
+
+def expected_calibration_error(probabilities: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+    """ECE over equal-width confidence bins (Guo et al. 2017's 15): the bins' |accuracy -
+    confidence|, weighted by their share of the images."""
+    return sum(share * abs(acc - conf) for share, acc, conf in reliability_bins(probabilities, labels, bins))
 
 
 def public(meta: dict[str, Any]) -> dict[str, Any]:

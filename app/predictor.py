@@ -218,6 +218,19 @@ class OnnxPredictor(Predictor):
         return Forward(out["logits"], out["stats"], out["fmap"])  # type: ignore[arg-type]
 
 
+def forward_all(
+    predictor: Predictor, images: torch.Tensor, batch_size: int = 500, stats: bool = False
+) -> Forward:
+    """`predictor.forward` over uint8 images in batches of `batch_size`, concatenated (no map)."""
+    parts = [
+        predictor.forward(images[s : s + batch_size], stats=stats) for s in range(0, len(images), batch_size)
+    ]
+    if not parts:
+        return Forward(torch.empty(0, len(CLASSES)), None, None)
+    joined = torch.cat([p.stats for p in parts if p.stats is not None]) if stats else None
+    return Forward(torch.cat([p.logits for p in parts]), joined, None)
+
+
 @dataclass(frozen=True)
 class Answers:
     """What the service answers for a batch: calibrated probabilities, the unsure flag, heatmaps."""

@@ -22,11 +22,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from app.calibration import KEEP, Detector, expected_calibration_error, stage_statistics
+from app.calibration import KEEP, Detector, expected_calibration_error
 from app.checkpoint import CheckpointError, atomic_torch_save, build_model, load_checkpoint
 from app.device import DEVICE_CHOICES, resolve_device
 from app.model import StagedNet
-from app.preprocess import normalize
+from app.predictor import TorchPredictor
+from app.predictor import forward_all as forward_predictor
 from training.data import DataError, Split, limit_index, limit_split, load_cifar10, split_validation
 
 log = logging.getLogger("training.calibrate")
@@ -35,18 +36,14 @@ FIT_IMAGES = 20_000  # training images whose stage statistics fit the detector's
 SHRINK = 1e-3  # covariance + SHRINK * its mean variance * I: a stable inverse for the wide stages
 
 
-@torch.no_grad()
 def forward_all(
-    model: StagedNet, images: torch.Tensor, device: torch.device, batch_size: int = 500
+    model: StagedNet, images: torch.Tensor, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits (N, 10), stage statistics (N, D)) in float32 on the CPU, PyTorch fp32."""
-    model.eval().to(device)
-    logits, stats = [], []
-    for start in range(0, len(images), batch_size):
-        maps, pooled, out = model.forward_stages(normalize(images[start : start + batch_size].to(device)))
-        logits.append(out.float().cpu())
-        stats.append(stage_statistics(maps, pooled).cpu())
-    return torch.cat(logits), torch.cat(stats)
+    """(logits (N, 10), stage statistics (N, D)) in float32 on the CPU: the service's PyTorch fp32
+    forward pass (`TorchPredictor`), as evaluation reports it."""
+    out = forward_predictor(TorchPredictor(model.to(device), device), images, stats=True)
+    assert out.stats is not None
+    return out.logits, out.stats
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:

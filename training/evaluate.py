@@ -30,10 +30,12 @@ from app.predictor import (
     BACKENDS,
     LAYOUTS,
     PRECISIONS,
+    Forward,
     Predictor,
     PredictorError,
     TorchPredictor,
     build_predictor,
+    forward_all,
 )
 from training.data import DataError, Split, limit_index, load_cifar10, test_split_files
 from training.served import ServiceError, local_service, served_labels
@@ -47,14 +49,10 @@ def predict_logits(
 ) -> torch.Tensor:
     """Logits (N, 10) on the CPU for uint8 images (N, 3, 32, 32) through `predictor`, the service's
     forward pass; `tta` averages with the mirror image."""
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = images[start : start + batch_size]
-        logits = predictor.logits(x)
-        if tta:
-            logits = (logits + predictor.logits(x.flip(3))) / 2
-        out.append(logits)
-    return torch.cat(out) if out else torch.empty(0, len(CLASSES))
+    logits = forward_all(predictor, images, batch_size).logits
+    if tta:
+        logits = (logits + forward_all(predictor, images.flip(3), batch_size).logits) / 2
+    return logits
 
 
 def predict(
@@ -200,12 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def report_trust(
-    args, predictor: Predictor, model: StagedNet, meta: dict, test: Split, logits: torch.Tensor
+    args, predictor: Predictor, model: StagedNet, calibration: Calibration, test: Split, out: Forward
 ) -> dict:
     """Calibration error and unsure share on the test split (reliability.png with --out), and
     with --explain-check the heatmap deletion check; prints them."""
-    calibration = Calibration.from_meta(meta)
-    report = calibration_report(predictor, model, calibration, test.images, test.labels, logits)
+    logits = out.logits
+    report = calibration_report(calibration, test.labels, logits, out.stats)
     unsure = (
         f"; unsure: {100 * report['unsure_share']:.2f}% of test images" if "unsure_share" in report else ""
     )
@@ -312,7 +310,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         files = [files[i] for i in index.tolist()]
     started = time.perf_counter()
-    logits = predict_logits(predictor, test.images, args.batch_size)
+    calibration = Calibration.from_meta(ckpt.meta)
+    # one pass for the logits and, when there is a detector, the statistics of its unsure flag
+    out = forward_all(predictor, test.images, args.batch_size, stats=calibration.detector is not None)
+    logits = out.logits
     info = predictor.info
     result = {
         "weights": args.weights,
@@ -353,10 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     recorded = ckpt.meta.get("metrics", {}).get("test_acc")
     if recorded is not None:
         print(f"recorded in the checkpoint: {100 * recorded:.2f}%")
-    result["calibration"] = report_trust(args, predictor, model, ckpt.meta, test, logits)
+    result["calibration"] = report_trust(args, predictor, model, calibration, test, out)
     if args.out:
-        out = Path(args.out)
-        write_report(test, logits, out)
+        write_report(test, logits, Path(args.out))
     if files is not None:
         try:
             model_key = next(key for key, name in MODEL_KEYS.items() if name == type(model).__name__)

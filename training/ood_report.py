@@ -19,7 +19,7 @@ import torch
 
 from app.calibration import Calibration
 from app.checkpoint import CheckpointError, build_model, load_checkpoint
-from app.predictor import TorchPredictor
+from app.predictor import TorchPredictor, forward_all
 from training.data import DataError, load_cifar10
 from training.ood_sets import ood_sets
 
@@ -46,15 +46,14 @@ def scores(
     predictor: TorchPredictor, calibration: Calibration, images: torch.Tensor
 ) -> dict[str, torch.Tensor]:
     """Out-of-distribution scores (higher: stranger) of the model's detector and the two baselines."""
-    out: dict[str, list[torch.Tensor]] = {"detector": [], "max softmax": [], "energy": []}
-    for start in range(0, len(images), 500):
-        forward = predictor.forward(images[start : start + 500], stats=True)
-        logits = forward.logits / calibration.temperature
-        assert calibration.detector is not None and forward.stats is not None
-        out["detector"].append(calibration.detector.score(forward.stats))
-        out["max softmax"].append(-torch.softmax(logits, 1).max(1).values)
-        out["energy"].append(-torch.logsumexp(logits, 1))
-    return {k: torch.cat(v) for k, v in out.items()}
+    out = forward_all(predictor, images, stats=True)
+    logits = out.logits / calibration.temperature
+    assert calibration.detector is not None and out.stats is not None
+    return {
+        "detector": calibration.detector.score(out.stats),
+        "max softmax": -torch.softmax(logits, 1).max(1).values,
+        "energy": -torch.logsumexp(logits, 1),
+    }
 
 
 def report(weights: str, test: torch.Tensor, sets: dict[str, torch.Tensor]) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from app.calibration import Calibration, expected_calibration_error
+from app.calibration import Calibration, expected_calibration_error, reliability_bins
 from app.model import MEAN, StagedNet
 from app.predictor import Predictor, answer
 
@@ -22,16 +22,11 @@ DELETE_SHARE = 0.25
 
 
 def calibration_report(
-    predictor: Predictor,
-    model: StagedNet,
-    calibration: Calibration,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    logits: torch.Tensor,
-    batch_size: int = 500,
+    calibration: Calibration, labels: torch.Tensor, logits: torch.Tensor, stats: torch.Tensor | None
 ) -> dict:
     """ECE (15 bins) of softmax(logits) and of the calibrated probabilities, mean confidence and
-    accuracy, and the unsure share (when the model has a detector)."""
+    accuracy, and the unsure share (from the stage statistics of the same forward pass, when the
+    model has a detector)."""
     raw, calibrated = torch.softmax(logits, 1), calibration.probabilities(logits)
     report = {
         "temperature": calibration.temperature,
@@ -41,12 +36,9 @@ def calibration_report(
         "confidence_after": float(calibrated.max(1).values.mean()),
         "accuracy": float((logits.argmax(1) == labels).float().mean()),
     }
-    if calibration.detector is not None:
-        flags = [
-            answer(predictor, model, calibration, images[s : s + batch_size]).unsure
-            for s in range(0, len(images), batch_size)
-        ]
-        report["unsure_share"] = float(torch.cat([f for f in flags if f is not None]).float().mean())
+    if calibration.detector is not None and stats is not None:
+        flagged = calibration.detector.score(stats) > calibration.detector.threshold
+        report["unsure_share"] = float(flagged.float().mean())
     return report
 
 
@@ -98,16 +90,9 @@ def plot_reliability(
     from training.plots import plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), sharey=True)
-    edges = torch.linspace(0, 1, bins + 1)
+    centres = [float(c) for c in (torch.arange(bins) + 0.5) / bins]
     for ax, probs, title in zip(axes, (before, after), ("softmax (T = 1)", "calibrated"), strict=True):
-        confidence, predicted = probs.max(1)
-        correct = (predicted == labels).float()
-        centres, accuracy, counts = [], [], []
-        for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-            inside = (confidence > lo) & (confidence <= hi)
-            centres.append(float((lo + hi) / 2))
-            accuracy.append(float(correct[inside].mean()) if inside.any() else 0.0)
-            counts.append(int(inside.sum()))
+        accuracy = [acc for _, acc, _ in reliability_bins(probs, labels, bins)]
         ax.bar(centres, accuracy, width=1 / bins, edgecolor="black", alpha=0.8, label="accuracy")
         ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
         ece = expected_calibration_error(probs, labels)
