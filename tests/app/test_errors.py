@@ -72,8 +72,9 @@ def test_one_bad_file_fails_the_whole_request_and_is_named(client):
 
 
 def test_one_bad_file_among_good_ones_says_the_others_were_not_predicted(client):
-    r = post(client, ("a.png", png_bytes(1)), ("b.png", b""))
-    assert_error(r, 400, "empty_file", "the file at index 1", "b.png", "no predictions", "1 ")
+    r = post(client, ("a.png", png_bytes(1)), ("b.png", b""), ("c.png", png_bytes(2)))
+    words = "the file at index 1", "b.png", "no predictions were made for the other 2 file(s)"
+    assert_error(r, 400, "empty_file", *words)
 
 
 def test_image_over_the_pixel_limit_is_refused_before_decoding(serve):
