@@ -19,7 +19,8 @@ from pydantic import BaseModel, Field
 
 from app.checkpoint import CheckpointError
 from app.errors import ApiError, ErrorBody
-from app.routes import ServiceDep, StrictQuery, model_field
+from app.predict import StrictQuery, model_field
+from app.routes import ServiceDep
 from app.security import require_admin
 
 admin_router = APIRouter(tags=["admin"], dependencies=[Depends(require_admin)])

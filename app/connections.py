@@ -12,7 +12,7 @@ here, per connection, before the ASGI app is called:
   health and metrics pass freely; /admin is not gated). A POST beyond that waits in a FIFO
   waiting room, its body left in the socket, for at most `admission_wait_s`; when a running one
   finishes the oldest waiting one starts, and one that is still waiting at its deadline gets a
-  prepared `503 queue_full` with Retry-After, written straight to the socket (no ASGI stack).
+  `503 queue_full` with Retry-After, written straight to the socket (no ASGI stack).
   Clients that resend at once can therefore cost at most one cheap refusal per connection per
   `admission_wait_s`, and admitted work keeps the loop.
 - **Slow clients.** A request's headers must arrive within `header_timeout_s` of its first byte
@@ -20,8 +20,10 @@ here, per connection, before the ASGI app is called:
   connection gets `408` and is closed (a connection that sent nothing is just closed). Counted in
   `cifar10_slow_clients_total{phase}`.
 - **Connection cap.** Past `max_connections` open connections in this process a new one gets a
-  prepared `503` and is closed before anything is read; counted in
-  `cifar10_connections_refused_total`.
+  `503` and is closed before anything is read; counted in `cifar10_connections_refused_total`.
+
+Each of these answers is `app.errors.refuse`'s (counted there, the envelope by path), turned into
+bytes for the socket.
 
 The limits come from the app's settings (`app.state.settings`, CIFAR10_* variables) and the
 counts go to its metrics (`app.state.metrics`); an app without them gets the settings' defaults.
@@ -30,14 +32,16 @@ counts go to its metrics (`app.state.metrics`); an app without them gets the set
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import deque
+from http import HTTPStatus
 from typing import Any
 
+from starlette.responses import Response
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
+from app.errors import ApiError, refuse
 from app.settings import Settings
 
 
@@ -53,14 +57,14 @@ def _find_state(app: Any) -> Any:
     return None
 
 
-def _answer(status: str, body: dict, *, retry_after: int | None = None, close: bool) -> bytes:
-    payload = json.dumps(body).encode()
-    head = [f"HTTP/1.1 {status}", "content-type: application/json", f"content-length: {len(payload)}"]
-    if retry_after is not None:
-        head.append(f"retry-after: {retry_after}")
+def _wire(response: Response, close: bool) -> bytes:
+    """An answer as HTTP/1.1 bytes, to write straight to the socket (no ASGI stack)."""
+    status = response.status_code
+    head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}"]
+    head += [f"{name.decode('latin-1')}: {value.decode('latin-1')}" for name, value in response.raw_headers]
     if close:
         head.append("connection: close")
-    return ("\r\n".join(head) + "\r\n\r\n").encode() + payload
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + response.body
 
 
 class Guard:
@@ -76,41 +80,43 @@ class Guard:
         self.max_connections = settings.max_connections
         self.max_active = settings.max_active_requests
         self.wait_s = settings.admission_wait_s
-        self.retry_after_s = retry = settings.retry_after_s
-        detail = "the service is at capacity; retry after the Retry-After header's seconds"
-        self.full = {  # (v2 envelope, keep-alive) -> the prepared answer
-            (v2, close): _answer(
-                "503 Service Unavailable",
-                {"error": detail} if v2 else {"detail": detail, "code": "queue_full"},
-                retry_after=retry,
-                close=close,
-            )
-            for v2 in (False, True)
-            for close in (False, True)
-        }
-        self.too_many = _answer(
-            "503 Service Unavailable",
-            {"detail": "too many open connections; retry shortly", "code": "too_many_connections"},
-            retry_after=retry,
-            close=True,
+        self.retry_after_s = settings.retry_after_s
+        retry = {"Retry-After": str(settings.retry_after_s)}
+        self.full = ApiError(
+            503,
+            "queue_full",
+            "the service is at capacity; retry after the Retry-After header's seconds",
+            headers=retry,
         )
-        timeout_body = {"detail": "the request did not arrive in time", "code": "request_timeout"}
-        self.timeout = _answer("408 Request Timeout", timeout_body, close=True)
+        self.too_many = ApiError(
+            503, "too_many_connections", "too many open connections; retry shortly", headers=retry
+        )
+        self.timeout = ApiError(408, "request_timeout", "the request did not arrive in time")
         self.active = 0
         self.waiting: deque[tuple[float, GuardedHTTPProtocol, RequestResponseCycle, Any]] = deque()
         self._expiry: asyncio.TimerHandle | None = None
         if self.metrics is not None:  # read at scrape time: a gauge's set() takes a lock per call
             self.metrics.admission_waiting.set_function(lambda: len(self.waiting))
 
-    # -- counters --------------------------------------------------------------------------
+    # -- refusals and counters -------------------------------------------------------------
+
+    def refusal(self, error: ApiError, path: str, close: bool, counter: Any = None) -> bytes:
+        """`app.errors.refuse`'s answer (counted there), as the bytes to write to the socket."""
+        return _wire(refuse(error, self.metrics, path, counter), close)
+
+    def refuse_connection(self) -> bytes:
+        """Counted in cifar10_connections_refused_total, not among the refused requests."""
+        counter = self.metrics.connections_refused if self.metrics is not None else None
+        return self.refusal(self.too_many, "", close=True, counter=counter)
 
     def count_slow(self, phase: str) -> None:
         if self.metrics is not None:
             self.metrics.slow_clients.labels(phase).inc()
 
-    def count_refused_connection(self) -> None:
-        if self.metrics is not None:
-            self.metrics.connections_refused.inc()
+    def refuse_slow(self, phase: str) -> bytes:
+        """408, counted in cifar10_slow_clients_total{phase}, not among the refused requests."""
+        counter = self.metrics.slow_clients.labels(phase) if self.metrics is not None else None
+        return self.refusal(self.timeout, "", close=True, counter=counter)
 
     # -- the admission gate ----------------------------------------------------------------
 
@@ -140,11 +146,8 @@ class Guard:
         while self.waiting and self.waiting[0][0] <= now:
             _, protocol, cycle, _app = self.waiting.popleft()
             if not protocol.transport.is_closing():
-                protocol.refuse(
-                    cycle, self.full[(cycle.scope["path"].startswith("/v2/"), not cycle.keep_alive)]
-                )
-                if self.metrics is not None:
-                    self.metrics.rejected.labels("queue_full").inc()
+                answer = self.refusal(self.full, cycle.scope["path"], close=not cycle.keep_alive)
+                protocol.refuse(cycle, answer)
         if self.waiting:
             self._expiry = self.loop.call_at(self.waiting[0][0], self._expire)
 
@@ -174,8 +177,7 @@ class GuardedHTTPProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if len(self.connections) >= self.guard.max_connections:
             self.transport = transport
-            self.guard.count_refused_connection()
-            transport.write(self.guard.too_many)
+            transport.write(self.guard.refuse_connection())
             transport.close()
             return
         super().connection_made(transport)
@@ -226,16 +228,16 @@ class GuardedHTTPProtocol(HttpToolsProtocol):
         phase, self._deadline, self._phase = self._phase, None, None
         if self.transport.is_closing() or phase is None:
             return
-        self.guard.count_slow(phase)
         cycle = self.cycle
+        answering = False  # the app's answer has begun: it is cut off, not replaced
         if cycle is not None and not cycle.response_complete:
             cycle.disconnected = True  # the app's receive() returns http.disconnect; its answer goes nowhere
             cycle.message_event.set()
-            if cycle.response_started:
-                self.transport.close()
-                return
-        if phase == "body" or self._heard:
-            self.transport.write(self.guard.timeout)
+            answering = cycle.response_started
+        if not answering and (phase == "body" or self._heard):
+            self.transport.write(self.guard.refuse_slow(phase))
+        else:  # closed without an answer: one had begun, or the connection sent nothing
+            self.guard.count_slow(phase)
         self.transport.close()
 
     # -- the admission gate ----------------------------------------------------------------

@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from app.calibration import public
-from app.errors import ApiError, FileProblem, error_response
+from app.errors import ApiError, FileProblem, refuse
 from app.model import CLASSES, INPUT_SHAPE, MEAN, STD
 from app.schemas import (
     CalibrationInfo,
@@ -77,10 +77,7 @@ def install_service_errors(app: FastAPI) -> None:
     async def handle(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ServiceError)
         error = api_error(exc, request.app.state.settings.retry_after_s)
-        metrics = getattr(request.app.state, "metrics", None)
-        if metrics is not None:
-            metrics.rejected.labels(error.code).inc()
-        return error_response(error)
+        return refuse(error, getattr(request.app.state, "metrics", None), request.url.path)
 
     app.add_exception_handler(ServiceError, handle)
 

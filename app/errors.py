@@ -5,12 +5,17 @@
 
 `code` is stable and machine-readable (it is also the `reason` label of the rejected-requests
 metric); `detail` is for people. Nothing a client sends produces a 5xx or a traceback.
+
+Every layer refuses a request the one way, `refuse(error, metrics, path)`: it counts the refusal
+and renders the envelope, the Open Inference Protocol's `{"error": ...}` on /v2 paths. The
+connection gate (app.connections), the middleware, the exception handlers below, the service's
+errors (app.edge), the /predict fast path and the /v2 routes all call it.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,6 +24,11 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.settings import MAX_TOP_K
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter
+
+    from app.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +64,7 @@ class ApiError(Exception):
         detail: str,
         *,
         files: list[FileProblem] | None = None,
+        fields: list[FieldProblem] | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(detail)
@@ -61,26 +72,42 @@ class ApiError(Exception):
         self.code = code
         self.detail = detail
         self.files = files
+        self.fields = fields
         self.headers = headers
 
     def body(self) -> dict[str, Any]:
-        return ErrorBody(detail=self.detail, code=self.code, files=self.files).model_dump(exclude_none=True)
+        body = ErrorBody(detail=self.detail, code=self.code, files=self.files, fields=self.fields)
+        return body.model_dump(exclude_none=True)
 
 
-def error_response(error: ApiError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+def is_v2(path: str) -> bool:
+    """A path of the Open Inference Protocol, whose errors are `{"error": "<sentence>"}`."""
+    return path == "/v2" or path.startswith("/v2/")
 
 
-def _count(request: Request, code: str) -> None:
-    metrics = getattr(request.app.state, "metrics", None)
+def refuse(
+    error: ApiError, metrics: Metrics | None, path: str, counter: Counter | None = None
+) -> JSONResponse:
+    """The answer that refuses a request, counted: the one way every layer refuses.
+
+    Counted in cifar10_rejected_requests{reason=<code>}, or in `counter` where the connection layer
+    keeps a count of its own (connections refused, slow clients); not counted without `metrics`
+    (an app without them, or a failure of the service's own rather than a refusal). The envelope is
+    `ErrorBody`, or `{"error": <detail>}` on /v2 paths; the status and headers are the error's.
+    """
     if metrics is not None:
-        metrics.rejected.labels(code).inc()
+        (counter if counter is not None else metrics.rejected.labels(error.code)).inc()
+    body = {"error": error.detail} if is_v2(path) else error.body()
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
+
+
+def _metrics(request: Request) -> Metrics | None:
+    return getattr(request.app.state, "metrics", None)
 
 
 async def _api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
-    _count(request, exc.code)
-    return error_response(exc)
+    return refuse(exc, _metrics(request), request.url.path)
 
 
 def _query_names(request: Request) -> list[str]:
@@ -141,8 +168,7 @@ def _validation_error(request: Request, exc: Exception) -> JSONResponse:
             "send the images as multipart/form-data in the field 'file', "
             f"not as {content_type.split(';')[0]}",
         )
-        _count(request, error.code)
-        return error_response(error)
+        return refuse(error, _metrics(request), request.url.path)
     fields = [
         FieldProblem(loc=list(e.get("loc", ())), msg=str(e.get("msg", "")), type=str(e.get("type", "")))
         for e in errors
@@ -150,9 +176,8 @@ def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     unknown = _unknown_query(errors, request)
     sentences = [_field_sentence(e, form_keys) for e in errors if not _is_unknown_query(e)]
     detail = "; ".join(dict.fromkeys(([unknown] if unknown else []) + sentences)) or "invalid request"
-    _count(request, "invalid_request")
-    body_out = ErrorBody(detail=detail, code="invalid_request", fields=fields).model_dump(exclude_none=True)
-    return JSONResponse(body_out, status_code=422)
+    error = ApiError(422, "invalid_request", detail, fields=fields)
+    return refuse(error, _metrics(request), request.url.path)
 
 
 _HTTP_CODES = {
@@ -182,19 +207,14 @@ def _http_error(request: Request, exc: Exception) -> JSONResponse:
         detail = f"no such endpoint: {request.url.path} (see /docs)"
     elif status == 405:
         detail = f"{request.method} is not allowed on {request.url.path}"
-    if 400 <= status < 500:
-        _count(request, code)
-    return JSONResponse(
-        ErrorBody(detail=detail, code=code).model_dump(exclude_none=True),
-        status_code=status,
-        headers=getattr(exc, "headers", None),
-    )
+    error = ApiError(status, code, detail, headers=getattr(exc, "headers", None))
+    return refuse(error, _metrics(request) if 400 <= status < 500 else None, request.url.path)
 
 
 def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    body = ErrorBody(detail="internal error; the details are in the service log", code="internal_error")
-    return JSONResponse(body.model_dump(exclude_none=True), status_code=500)
+    error = ApiError(500, "internal_error", "internal error; the details are in the service log")
+    return refuse(error, None, request.url.path)  # a failure of the service's own, not a refusal
 
 
 def install_error_handlers(app: FastAPI) -> None:

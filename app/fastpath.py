@@ -1,38 +1,30 @@
-"""POST /predict without FastAPI's per-request machinery, for the plain requests that need none of it.
+"""POST /predict without FastAPI's per-request machinery: the implementation of /predict (`app.predict`).
 
 On two cores the event loop's share of the CPU is what the model cannot have: routing, dependency
 resolution, Starlette's form parser (a spooled temporary file per upload) and the response model's
 validation cost about as much per request as decoding the image. This ASGI middleware sits
 innermost, behind the metrics, API-key, body-limit and admission middleware, and answers a request
-itself when it is the common case: a multipart/form-data body of at most 1 MiB with a Content-
-Length, whose every part is a file in the field `file`, and at most the query `top_k=<1..10>` and
-`explain=cam`. It calls the same `ModelService.classify` and builds the same `PredictResponse`
-(`app.edge.predict_response`), so the answer is the route's, byte for byte apart from the timings.
-Anything else (another field, a part without a filename, an unusual query, a body that does not
-parse) is handed to the FastAPI route untouched, body replayed, so every error answer and the
-OpenAPI schema stay the route's own.
+itself when its body is multipart/form-data of at most 1 MiB with a Content-Length, whose every
+part is a file in the field `file`, and its query is one `PredictQuery` takes (`top_k`, `model`,
+`explain`). It answers through `app.predict.answer`, as the route does, so the answer is the
+route's, byte for byte apart from the timings. Anything else (another field, a part without a
+filename, a query the route would refuse, a body that does not parse) is handed to the FastAPI
+route untouched, body replayed, so its general parser and its 422 explanations answer it.
 """
 
 from __future__ import annotations
 
 import io
-import re
 
 from python_multipart.multipart import parse_options_header
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.edge import api_error, predict_response
-from app.errors import error_response
-from app.metrics import Metrics
-from app.service import ModelService, ServiceError, Upload
-from app.settings import MAX_TOP_K
+from app.predict import PredictQuery, answer, read_query
+from app.service import ModelService, Upload
 
-_TOP_K = re.compile(rb"top_k=([1-9]\d?)")
-_EXPLAIN = b"explain=cam"
 # Bodies up to this size are read into memory here; a bigger one goes to the route, whose parser
 # spools it to an anonymous temporary file past the same size (Starlette's default).
 MAX_BYTES = 1024 * 1024
-_JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
 def split_multipart(body: bytes, boundary: bytes) -> list[tuple[str, bytes]] | None:
@@ -74,24 +66,16 @@ def split_multipart(body: bytes, boundary: bytes) -> list[tuple[str, bytes]] | N
 
 
 class PredictFastPath:
-    def __init__(self, app: ASGIApp, path: str, service: ModelService, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, path: str, service: ModelService) -> None:
         self.app = app
         self.path = path
         self.service = service
-        self.metrics = metrics
 
-    def _plain(self, scope: Scope) -> tuple[bytes, int | None, bool] | None:
-        """(boundary, top_k, explain) when the headers and query allow the fast path, else None."""
-        query = scope.get("query_string", b"")
-        top_k, explain = None, False
-        for pair in query.split(b"&") if query else []:
-            match = _TOP_K.fullmatch(pair)
-            if match is not None and top_k is None and int(match[1]) <= MAX_TOP_K:
-                top_k = int(match[1])
-            elif pair == _EXPLAIN and not explain:
-                explain = True
-            else:  # anything else, or a repeat: the route's rules
-                return None
+    def _plain(self, scope: Scope) -> tuple[bytes, PredictQuery] | None:
+        """(boundary, query) when the headers and query allow the fast path, else None."""
+        query = read_query(scope.get("query_string", b""))
+        if query is None:  # the route's rules, and its explanation
+            return None
         content_type = length = None
         for name, value in scope["headers"]:
             if name == b"content-type":
@@ -106,7 +90,7 @@ class PredictFastPath:
         boundary = options.get(b"boundary")
         if kind != b"multipart/form-data" or not boundary:
             return None
-        return boundary, top_k, explain
+        return boundary, query
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         plain = None
@@ -115,7 +99,7 @@ class PredictFastPath:
         if plain is None:
             await self.app(scope, receive, send)
             return
-        boundary, top_k, explain = plain
+        boundary, query = plain
 
         chunks = []
         while True:
@@ -132,18 +116,9 @@ class PredictFastPath:
             return
 
         uploads = [Upload(name, io.BytesIO(data), len(data)) for name, data in parts]
-        arrival = scope.get("state", {}).get("arrival")
-        settings = self.service.settings
-        try:
-            result = await self.service.classify(uploads, top_k or settings.top_k, arrival, explain=explain)
-        except ServiceError as error:
-            self.metrics.rejected.labels(error.code).inc()
-            await error_response(api_error(error, settings.retry_after_s))(scope, receive, send)
-            return
-        payload = predict_response(result).model_dump_json(exclude_unset=True).encode()
-        headers = [*_JSON_HEADERS, (b"content-length", str(len(payload)).encode())]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
+        arrival = scope.get("state", {}).get("arrival")  # set by AdmissionMiddleware
+        response = await answer(self.service, uploads, query, arrival, scope["path"])
+        await response(scope, receive, send)
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

@@ -62,9 +62,9 @@ from app.routes import inference_router, model_router, ops_router, requested_mod
 from app.security import API_KEY_HEADER, require_api_key
 from app.service import ModelService, PredictorFactory, ServiceError, StartupError
 from app.settings import Settings, env_name
-from app.v2 import V2ErrorMiddleware, served_models
 from app.v2 import inference_router as v2_inference_router
 from app.v2 import router as v2_router
+from app.v2 import served_models
 
 log = logging.getLogger(__name__)
 
@@ -270,10 +270,10 @@ def create_app(settings: Settings | None = None, make_predictor: PredictorFactor
         except ServiceError as exc:
             raise api_error(exc, settings.retry_after_s) from None
 
-    # The last added is the outermost: /v2 error bodies, startup message, CORS, metrics, API key, body limit,
+    # The last added is the outermost: startup message, CORS, metrics, API key, body limit,
     # admission, the /predict fast path, routes.
     if settings.fast_path:
-        app.add_middleware(PredictFastPath, path="/predict", service=service, metrics=metrics)
+        app.add_middleware(PredictFastPath, path="/predict", service=service)
     app.add_middleware(
         AdmissionMiddleware, paths=inference_paths, admit=admit, done=service.request_done, metrics=metrics
     )
@@ -291,7 +291,6 @@ def create_app(settings: Settings | None = None, make_predictor: PredictorFactor
             max_age=600,
         )
     app.add_middleware(StartupMessageMiddleware, message=lambda: next(iter(startup_failure), None))
-    app.add_middleware(V2ErrorMiddleware)  # outermost: {"error": ...} for every error on /v2 paths
     return app
 
 

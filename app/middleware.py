@@ -10,7 +10,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.batching import Arrival
-from app.errors import ApiError, error_response
+from app.errors import ApiError, refuse
 from app.metrics import Metrics
 from app.security import api_key_error
 
@@ -35,8 +35,7 @@ class BodyLimitMiddleware:
         self.metrics = metrics
         self.told_operator = False
 
-    def _error(self, received: str) -> ApiError:
-        self.metrics.rejected.labels("body_too_large").inc()
+    async def _refuse(self, received: str, scope: Scope, receive: Receive, send: Send) -> None:
         if not self.told_operator:  # the setting is the operator's business, not the client's
             self.told_operator = True
             log.warning(
@@ -45,13 +44,14 @@ class BodyLimitMiddleware:
                 received,
                 f"{self.max_bytes:,}",
             )
-        return ApiError(
+        error = ApiError(
             413,
             "body_too_large",
             f"the request body is {received}, over this service's limit of {self.max_bytes:,} bytes "
             "a request: send fewer or smaller files in each",
             headers={"Connection": "close"},
         )
+        await refuse(error, self.metrics, scope["path"])(scope, receive, send)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -59,7 +59,7 @@ class BodyLimitMiddleware:
             return
         length = Headers(scope=scope).get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await error_response(self._error(f"{int(length):,} bytes"))(scope, receive, send)
+            await self._refuse(f"{int(length):,} bytes", scope, receive, send)
             return
 
         received = 0
@@ -81,7 +81,7 @@ class BodyLimitMiddleware:
             if too_large:  # the app answered the aborted read (often a 400): answer 413 instead
                 if message["type"] == "http.response.start" and not started:
                     started = True
-                    await error_response(self._error(f"over {self.max_bytes:,} bytes"))(scope, receive, send)
+                    await self._refuse(f"over {self.max_bytes:,} bytes", scope, receive, send)
                 return
             started = started or message["type"] == "http.response.start"
             await send(message)
@@ -90,7 +90,7 @@ class BodyLimitMiddleware:
             await self.app(scope, limited_receive, guarded_send)
         except _BodyTooLarge:
             if not started:
-                await error_response(self._error(f"over {self.max_bytes:,} bytes"))(scope, receive, send)
+                await self._refuse(f"over {self.max_bytes:,} bytes", scope, receive, send)
 
 
 class ApiKeyMiddleware:
@@ -107,8 +107,7 @@ class ApiKeyMiddleware:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.paths:
             error = api_key_error(Headers(scope=scope), self.key)
             if error is not None:
-                self.metrics.rejected.labels(error.code).inc()
-                await error_response(error)(scope, receive, send)
+                await refuse(error, self.metrics, scope["path"])(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -144,8 +143,7 @@ class AdmissionMiddleware:
         try:
             arrival = self.admit(scope)
         except ApiError as error:
-            self.metrics.rejected.labels(error.code).inc()
-            await error_response(error)(scope, receive, send)
+            await refuse(error, self.metrics, scope["path"])(scope, receive, send)
             return
         scope.setdefault("state", {})["arrival"] = arrival
         try:

@@ -1,5 +1,8 @@
 """The endpoints, one router per concern. Routes only parse, call the service and shape the answer.
 
+/predict is declared here for the OpenAPI schema; its contract (query, answer, refusals) is
+`app.predict`, and the ASGI fast path (`app.fastpath`) serves the common requests before routing.
+
 `inference_router` holds the inference endpoints: `app.main` reads their paths from it and gives
 every one the API key, the admission check (readiness, queue, drain) and the metrics, so a new
 inference route is declared here once. A `ServiceError` a route lets rise is answered by
@@ -8,23 +11,22 @@ inference route is declared here once. A `ServiceError` a route lets rise is ans
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Depends, File, Query, Request, Response, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from starlette.types import Scope
 
 from app.edge import model_summary as build_summary
-from app.edge import predict_response
 from app.errors import error_responses
 from app.imaging import supported_formats
 from app.metrics import Metrics
 from app.model import format_layer_table
+from app.predict import PredictQuery, StrictQuery, answer, model_field
 from app.schemas import Health, ModelSummary, PredictResponse
 from app.service import ModelService, Upload
-from app.settings import MAX_TOP_K
 
 
 async def get_service(request: Request) -> ModelService:
@@ -37,36 +39,6 @@ async def get_metrics(request: Request) -> Metrics:
 
 ServiceDep = Annotated[ModelService, Depends(get_service)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-
-
-def model_field() -> Any:
-    """The `model` query parameter the inference, summary and reload endpoints share; the admission
-    middleware reads the same parameter from the raw query (`requested_model`) to queue the request."""
-    return Field(
-        None,
-        description="The model to ask: final (FinalModel, the default), lite (LiteModel, the "
-        "smallest) or best (AirbenchNet, the most accurate), when their weights are configured.",
-        examples=["final", "lite", "best"],
-    )
-
-
-class StrictQuery(BaseModel):
-    """Query parameters an endpoint takes: an unknown one (a misspelt `topk`) is answered with 422,
-    not silently ignored."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-class PredictQuery(StrictQuery):
-    top_k: int | None = Field(
-        None, ge=1, le=MAX_TOP_K, description="Classes to list per image (default: CIFAR10_TOP_K, 3)."
-    )
-    model: str | None = model_field()
-    explain: Literal["cam"] | None = Field(
-        None,
-        description="cam: add a 32x32 heatmap per image of where the evidence for its label lies "
-        "(exact CAM for FinalModel and LiteModel, Grad-CAM for AirbenchNet).",
-    )
 
 
 class SummaryQuery(StrictQuery):
@@ -95,8 +67,7 @@ ops_router = APIRouter(tags=["operations"])
 
 @inference_router.post(
     "/predict",
-    response_model=PredictResponse,
-    response_model_exclude_unset=True,  # heatmap only with ?explain=cam
+    response_model=PredictResponse,  # the schema; the answer is written by app.predict
     summary="Classify one or more images",
     responses=error_responses(400, 404, 413, 415, 422, 503),
     description=(
@@ -117,12 +88,11 @@ async def predict(
         File(alias="file", min_length=1, description="One or more image files; repeat the field."),
     ],
     query: Annotated[PredictQuery, Query()],
-) -> PredictResponse:
+) -> Response:
+    """What the fast path (app.fastpath) leaves to FastAPI's general form parser; the same answer."""
     uploads = [Upload(f.filename or None, f.file, f.size) for f in files]
     arrival = getattr(request.state, "arrival", None)  # set by AdmissionMiddleware
-    top_k = query.top_k or service.settings.top_k
-    result = await service.classify(uploads, top_k, arrival, query.model, explain=query.explain == "cam")
-    return predict_response(result)
+    return await answer(service, uploads, query, arrival, request.url.path)
 
 
 @model_router.get(

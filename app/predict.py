@@ -1,0 +1,99 @@
+"""POST /predict, one contract: its query and `top_k` rule, its answer, its refusals.
+
+The ASGI fast path (`app.fastpath`) is the implementation: it reads the common multipart layout
+itself and answers without FastAPI's per-request machinery (docs/benchmarks.md: 1.12-1.26x the
+route's throughput). The FastAPI route (`app.routes.predict`) declares /predict for the OpenAPI
+schema, and serves what the fast path leaves to FastAPI's general form parser (a body over 1 MiB
+or without Content-Length, other form fields, an unusual layout) or to its 422 explanations (a
+query that is not valid), and every request when CIFAR10_FAST_PATH=false. Both read the query as
+`PredictQuery`, take `top_k` by `PredictQuery.resolve_top_k` and answer through `answer`, so a
+request gets the same answer whichever of the two serves it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+from urllib.parse import parse_qsl
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.responses import Response
+
+from app.batching import Arrival
+from app.edge import api_error, predict_response
+from app.errors import refuse
+from app.service import Classification, ModelService, ServiceError, Upload
+from app.settings import MAX_TOP_K
+
+
+def model_field() -> Any:
+    """The `model` query parameter the inference, summary and reload endpoints share; the admission
+    middleware reads the same parameter from the raw query (`app.routes.requested_model`) to queue
+    the request."""
+    return Field(
+        None,
+        description="The model to ask: final (FinalModel, the default), lite (LiteModel, the "
+        "smallest) or best (AirbenchNet, the most accurate), when their weights are configured.",
+        examples=["final", "lite", "best"],
+    )
+
+
+class StrictQuery(BaseModel):
+    """Query parameters an endpoint takes: an unknown one (a misspelt `topk`) is answered with 422,
+    not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class PredictQuery(StrictQuery):
+    top_k: int | None = Field(
+        None, ge=1, le=MAX_TOP_K, description="Classes to list per image (default: CIFAR10_TOP_K, 3)."
+    )
+    model: str | None = model_field()
+    explain: Literal["cam"] | None = Field(
+        None,
+        description="cam: add a 32x32 heatmap per image of where the evidence for its label lies "
+        "(exact CAM for FinalModel and LiteModel, Grad-CAM for AirbenchNet).",
+    )
+
+    def resolve_top_k(self, default: int) -> int:
+        """The one top_k rule: the query's (1 to MAX_TOP_K, checked above), else CIFAR10_TOP_K."""
+        return self.top_k or default
+
+
+_NO_QUERY = PredictQuery()
+
+
+def read_query(query_string: bytes) -> PredictQuery | None:
+    """The query as the route reads it (Starlette's decoding, `PredictQuery`'s rules), or None where
+    the route would answer 422 or a key comes twice: the route then answers, with its explanation."""
+    if not query_string:
+        return _NO_QUERY
+    pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
+    values = dict(pairs)
+    if len(values) != len(pairs):
+        return None
+    try:
+        return PredictQuery.model_validate(values)
+    except ValidationError:
+        return None
+
+
+def prediction_response(result: Classification) -> Response:
+    """The one writer of a /predict answer: `PredictResponse` as JSON, the heatmap only when asked for.
+
+    Built from the service's own typed values (`app.edge.predict_response`), not validated again."""
+    body = predict_response(result).model_dump_json(exclude_unset=True).encode()
+    return Response(body, media_type="application/json")
+
+
+async def answer(
+    service: ModelService, uploads: list[Upload], query: PredictQuery, arrival: Arrival | None, path: str
+) -> Response:
+    """Classify `uploads` as `query` asks and write the answer, or refuse with the service's error."""
+    settings = service.settings
+    top_k = query.resolve_top_k(settings.top_k)
+    try:
+        result = await service.classify(uploads, top_k, arrival, query.model, explain=query.explain == "cam")
+    except ServiceError as error:
+        return refuse(api_error(error, settings.retry_after_s), service.metrics, path)
+    return prediction_response(result)
