@@ -1,13 +1,16 @@
 """The dynamic batcher: shared batches under concurrency, its limits, and its failure paths.
 
 The unit tests drive `DynamicBatcher` with a stand-in model that records every batch and can be
-held at a gate, so what ends up in which batch is decided by the test, not by timing.
+held at a gate, so what ends up in which batch is decided by the test, not by timing. That a
+forming batch is held is observed, not slept on: the batcher's condition is watched, and a worker
+that waits on it with a deadline is holding a batch for a request on its way.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -65,6 +68,21 @@ class Result:
         return [r.output for r in self.value]
 
 
+class WatchedCondition(threading.Condition):
+    """The batcher's condition, with `gathering` set whenever a worker waits on it with a deadline:
+    the only such wait is a forming batch held for an announced request (an idle worker waiting
+    for work has no deadline)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gathering = threading.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if timeout is not None:
+            self.gathering.set()  # under the lock, before it is released: the batch is still queued
+        return super().wait(timeout)
+
+
 def images(*values: int) -> torch.Tensor:
     x = torch.zeros(len(values), 3, 32, 32, dtype=torch.uint8)
     x[:, 0, 0, 0] = torch.tensor(values, dtype=torch.uint8)
@@ -86,6 +104,7 @@ def make_batcher():
         options = dict(max_batch_size=8, max_wait_s=0.005, max_queue_size=64, workers=1)
         options.update(kwargs)
         batcher = DynamicBatcher(model, **options)
+        batcher._cond = WatchedCondition()  # before the workers start: they wait on it
         batcher.start()
         made.append(batcher)
         return batcher
@@ -93,6 +112,16 @@ def make_batcher():
     yield make
     for batcher in made:
         batcher.close()
+
+
+def wait_until(condition: Callable[[], bool]) -> bool:
+    """Whether `condition()` came true within WAIT seconds (polled: it is another thread's state)."""
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def hold_first_batch(batcher: DynamicBatcher, model: FakeModel) -> Result:
@@ -145,9 +174,8 @@ def test_a_request_larger_than_a_batch_is_split_and_reassembled_in_order(make_ba
 def test_a_lone_request_is_not_held_for_max_wait(make_batcher):
     model = FakeModel()
     batcher = make_batcher(model, max_wait_s=60.0)
-    started = time.perf_counter()
     assert submit(batcher, 7).outputs() == [7]
-    assert time.perf_counter() - started < 30.0  # nothing else is on its way: no 60 s wait
+    assert not batcher._cond.gathering.is_set()  # nothing else is on its way: never held
 
 
 def test_a_forming_batch_waits_for_an_announced_request(make_batcher):
@@ -155,8 +183,8 @@ def test_a_forming_batch_waits_for_an_announced_request(make_batcher):
     batcher = make_batcher(model, max_wait_s=60.0)
     coming = batcher.announce()  # a request the server has started to receive
     first = submit(batcher, 1)
-    time.sleep(0.1)
-    assert model.batches == []  # held: another request is on its way
+    assert batcher._cond.gathering.wait(WAIT)  # held: another request is on its way
+    assert model.batches == [] and batcher.queued == 1
     second = submit(batcher, 2, arrival=coming)
     assert first.outputs() == [1] and second.outputs() == [2]
     assert model.batches == [[1, 2]]
@@ -177,8 +205,8 @@ def test_an_announcement_given_up_releases_the_wait(make_batcher):
     batcher = make_batcher(model, max_wait_s=60.0)
     coming = batcher.announce()
     result = submit(batcher, 1)
-    time.sleep(0.05)
-    coming.settle()  # e.g. the request turned out to be invalid
+    assert batcher._cond.gathering.wait(WAIT)  # held for `coming`...
+    coming.settle()  # ...until it is given up (e.g. the request turned out to be invalid)
     assert result.outputs() == [1]
 
 
@@ -239,8 +267,8 @@ def test_with_a_worker_free_a_forming_batch_does_not_wait(make_batcher):
     model = FakeModel()
     batcher = make_batcher(model, workers=2, max_wait_s=60.0)
     coming = batcher.announce()
-    assert submit(batcher, 1).outputs() == [1]  # not held for the 60 s max_wait
-    assert coming.open
+    assert submit(batcher, 1).outputs() == [1]
+    assert not batcher._cond.gathering.is_set() and coming.open  # not held for `coming`
     coming.settle()
 
 
@@ -249,12 +277,12 @@ def test_while_the_other_worker_runs_a_forming_batch_waits_then_starts_when_it_i
     batcher = make_batcher(model, workers=2, max_wait_s=60.0)
     first = hold_first_batch(batcher, model)  # one worker busy
     coming = batcher.announce()
+    gathering = batcher._cond.gathering
     second = submit(batcher, 1)
-    time.sleep(0.1)
-    assert batcher.queued == 1  # gathering: the wait costs no idle core
-    third = submit(batcher, 2)
-    time.sleep(0.1)
-    assert batcher.queued == 2  # still gathering: `coming` has not arrived
+    assert gathering.wait(WAIT) and batcher.queued == 1  # gathering: the wait costs no idle core
+    gathering.clear()
+    third = submit(batcher, 2)  # wakes the gatherer, which takes it in and waits again
+    assert gathering.wait(WAIT) and batcher.queued == 2  # still gathering: `coming` has not arrived
     model.gate.set()  # the busy worker finishes: the gathered batch starts without waiting 60 s
     assert first.outputs() == [0] and second.outputs() == [1] and third.outputs() == [2]
     assert model.batches[1:] == [[1, 2]] and coming.open
@@ -325,9 +353,7 @@ def test_a_full_queue_answers_503_with_retry_after(serve):
                 assert entered.wait(WAIT)
                 two = [("file", (f"{i}.png", png_bytes(i))) for i in (2, 3)]
                 queued = pool.submit(client.post, "/predict", files=two)
-                deadline = time.monotonic() + WAIT
-                while service.batcher.queued < 2 and time.monotonic() < deadline:
-                    time.sleep(0.01)
+                assert wait_until(lambda: service.batcher.queued == 2)
                 for _ in range(3):
                     started = time.perf_counter()
                     r = client.post("/predict", files=[("file", ("c.png", png_bytes(4)))])
