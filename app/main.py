@@ -3,12 +3,14 @@
     CIFAR10_WEIGHTS=weights/final_model.pt uvicorn app.main:app --host 0.0.0.0 --port 8000
 
 `create_app(settings)` builds an app; tests call it with their own `Settings`. Nothing heavy
-happens at import: the lifespan loads the checkpoint, moves the model to its device, warms it
-up and only then lets requests in (GET /health/ready turns 200). A missing or damaged weights
-file stops the server with one log line and a non-zero exit.
+happens at import: the lifespan loads the checkpoint of every served model (`final`, FinalModel;
+`lite`, LiteModel, and `best`, AirbenchNet, where their weights are configured), moves each to
+the device, warms it up and only then lets requests in (GET /health/ready turns 200). A missing
+or damaged weights file stops the server with one log line and a non-zero exit.
 
 Signals, when the app runs in the main thread (under uvicorn):
-- SIGHUP reloads the configured weights file (as POST /admin/reload does) and logs the outcome.
+- SIGHUP reloads every served model from its configured weights file (as POST /admin/reload does
+  for one) and logs the outcome; a file refused keeps that model's old weights.
 - SIGTERM drains first: readiness turns 503 ("draining") and new /predict requests get 503 with
   Retry-After while the requests already admitted finish, for up to CIFAR10_DRAIN_TIMEOUT_S;
   only then is uvicorn's own handler called, which closes the socket and stops the server.
@@ -36,7 +38,7 @@ from importlib.metadata import PackageNotFoundError, version
 from types import FrameType
 from typing import Any
 
-from fastapi import Depends, FastAPI
+from fastapi import APIRouter, Depends, FastAPI
 from fastapi_offline import FastAPIOffline
 from pydantic import ValidationError
 from starlette.middleware.cors import CORSMiddleware
@@ -199,14 +201,9 @@ def _install_signal_handlers(service: ModelService) -> Callable[[], None]:
     return uninstall
 
 
-def create_app(settings: Settings | None = None, make_predictor: PredictorFactory | None = None) -> FastAPI:
-    """The app for `settings` (default: from the environment); `make_predictor` replaces the
-    configured backend (tests hand in a fake one)."""
-    settings = settings if settings is not None else settings_from_env()
-    _configure_logging(settings.log_level)
-    metrics = Metrics()
-    service = ModelService(settings, metrics, make_predictor)
-    startup_failure: list[str] = []
+def _lifespan(service: ModelService, startup_failure: list[str]) -> Callable[[FastAPI], Any]:
+    """Load and warm up every model before requests are let in; drain and stop on the way out.
+    A startup failure is stored, one sentence, for StartupMessageMiddleware to hand the server."""
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -224,20 +221,11 @@ def create_app(settings: Settings | None = None, make_predictor: PredictorFactor
             service.begin_shutdown()
             await asyncio.to_thread(service.stop)
 
-    app = FastAPIOffline(
-        docs_url=None,  # app.page serves /docs (with an upload fix) and /redoc (no CDN address)
-        redoc_url=None,
-        title="cifar10-cnn",
-        version=_version(),
-        description=DESCRIPTION,
-        lifespan=lifespan,
-    )
-    openapi.install(app)  # uploads as file choosers in Swagger UI
-    app.state.settings = settings
-    app.state.service = service
-    app.state.metrics = metrics
-    install_error_handlers(app)
-    install_service_errors(app)
+    return lifespan
+
+
+def _include_routers(app: FastAPI, settings: Settings, service: ModelService) -> list[APIRouter]:
+    """Every endpoint; returns the inference routers, whose routes take the API key when one is set."""
     app.state.v2_models = served_models(service)  # the Open Inference Protocol's model names
     inference_routers = [inference_router, v2_inference_router(app.state.v2_models)]
     for router in inference_routers:
@@ -254,15 +242,22 @@ def create_app(settings: Settings | None = None, make_predictor: PredictorFactor
     app.include_router(ops_router)
     app.include_router(admin_router)
     app.include_router(page_router)  # the page for people at /
-    app.add_middleware(DocsPolicyMiddleware)  # /docs and /redoc load nothing from elsewhere
+    return inference_routers
 
+
+def _add_middleware(
+    app: FastAPI,
+    settings: Settings,
+    service: ModelService,
+    inference_paths: frozenset[str],
+    startup_failure: list[str],
+) -> None:
+    """The last added is the outermost: startup message, CORS, metrics, API key, body limit, admission,
+    the /predict fast path, then the routes."""
+    metrics = service.metrics
     # The documented paths and the docs' own: FastAPI nests included routers rather than copying
     # their routes into app.routes, so the schema is where every path is listed.
     known_paths = set(app.openapi()["paths"]) | {getattr(route, "path", "") for route in app.routes}
-    # Every inference route gets the API key, admission (readiness, queue, drain) and metrics.
-    inference_paths = frozenset(
-        getattr(route, "path", "") for router in inference_routers for route in router.routes
-    )
 
     def admit(scope: Scope) -> Arrival:
         try:
@@ -270,8 +265,6 @@ def create_app(settings: Settings | None = None, make_predictor: PredictorFactor
         except ServiceError as exc:
             raise api_error(exc, settings.retry_after_s) from None
 
-    # The last added is the outermost: startup message, CORS, metrics, API key, body limit,
-    # admission, the /predict fast path, routes.
     if settings.fast_path:
         app.add_middleware(PredictFastPath, path="/predict", service=service)
     app.add_middleware(
@@ -291,6 +284,37 @@ def create_app(settings: Settings | None = None, make_predictor: PredictorFactor
             max_age=600,
         )
     app.add_middleware(StartupMessageMiddleware, message=lambda: next(iter(startup_failure), None))
+
+
+def create_app(settings: Settings | None = None, make_predictor: PredictorFactory | None = None) -> FastAPI:
+    """The app for `settings` (default: from the environment); `make_predictor` replaces the
+    configured backend (tests hand in a fake one)."""
+    settings = settings if settings is not None else settings_from_env()
+    _configure_logging(settings.log_level)
+    metrics = Metrics()
+    service = ModelService(settings, metrics, make_predictor)
+    startup_failure: list[str] = []
+    app = FastAPIOffline(
+        docs_url=None,  # app.page serves /docs (with an upload fix) and /redoc (no CDN address)
+        redoc_url=None,
+        title="cifar10-cnn",
+        version=_version(),
+        description=DESCRIPTION,
+        lifespan=_lifespan(service, startup_failure),
+    )
+    openapi.install(app)  # uploads as file choosers in Swagger UI
+    app.state.settings = settings
+    app.state.service = service
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    install_service_errors(app)
+    inference_routers = _include_routers(app, settings, service)
+    app.add_middleware(DocsPolicyMiddleware)  # /docs and /redoc load nothing from elsewhere
+    # Every inference route gets the API key, admission (readiness, queue, drain) and metrics.
+    inference_paths = frozenset(
+        getattr(route, "path", "") for router in inference_routers for route in router.routes
+    )
+    _add_middleware(app, settings, service, inference_paths, startup_failure)
     return app
 
 

@@ -30,12 +30,21 @@ UNMATCHED_ROUTE = "unmatched"  # 404s, so that made-up paths cannot blow up the 
 
 
 class Metrics:
+    """Every series the service exports, in a registry of its own, named by what counts them."""
+
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry()
         process_collector.ProcessCollector(registry=registry)
         platform_collector.PlatformCollector(registry=registry)
         gc_collector.GCCollector(registry=registry)
+        self._add_http(registry)
+        self._add_inference(registry)
+        self._add_models(registry)
+        self._add_connections(registry)
+        self._label_counters: dict[str, list[Any]] = {}
 
+    def _add_http(self, registry: CollectorRegistry) -> None:
+        """Per request, by route: counted by MetricsMiddleware and the refusals (app.errors.refuse)."""
         self.requests = Counter(
             f"{PREFIX}_http_requests",
             "HTTP requests answered, by route template, method and status code.",
@@ -49,6 +58,15 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.rejected = Counter(
+            f"{PREFIX}_rejected_requests",
+            "Requests refused, by reason (the error code of the answer).",
+            ["reason"],
+            registry=registry,
+        )
+
+    def _add_inference(self, registry: CollectorRegistry) -> None:
+        """Decoding, queueing and batches: counted by the service and its batchers."""
         self.decode_seconds = Histogram(
             f"{PREFIX}_decode_duration_seconds",
             "Time to check and decode one request's uploads into model input.",
@@ -86,12 +104,6 @@ class Metrics:
             ["model"],
             registry=registry,
         )
-        self.rejected = Counter(
-            f"{PREFIX}_rejected_requests",
-            "Requests refused, by reason (the error code of the answer).",
-            ["reason"],
-            registry=registry,
-        )
         self.queue_images = Gauge(
             f"{PREFIX}_queue_images",
             "Images admitted and not yet in a batch (being decoded or queued).",
@@ -103,6 +115,9 @@ class Metrics:
             registry=registry,
         )
         self.ready = Gauge(f"{PREFIX}_ready", "1 once the model is loaded and warmed up.", registry=registry)
+
+    def _add_models(self, registry: CollectorRegistry) -> None:
+        """The models being served, and their reloads."""
         self.model_info = Info(
             f"{PREFIX}_model",
             "The models being served, by the name clients use.",
@@ -127,7 +142,9 @@ class Metrics:
             ["model", "outcome"],
             registry=registry,
         )
-        # Counted by app.connections.GuardedHTTPProtocol, before the ASGI app.
+
+    def _add_connections(self, registry: CollectorRegistry) -> None:
+        """Counted by app.connections.GuardedHTTPProtocol, before the ASGI app."""
         self.slow_clients = Counter(
             f"{PREFIX}_slow_clients",
             "Connections cut off because a request's headers or body did not arrive in time, by phase.",
@@ -147,7 +164,6 @@ class Metrics:
             "(answered 503 after admission_wait_s).",
             registry=registry,
         )
-        self._label_counters: dict[str, list[Any]] = {}
 
     def observe_batch(self, size: int, run_s: float, waits: list[float]) -> None:
         """Called by the batcher's workers after each batch."""

@@ -1,14 +1,15 @@
 """The inference seam: a uint8 batch (N, 3, 32, 32) in, float32 logits or probabilities (N, 10) out.
 
-Serving (`app.service`) and evaluation (`training.evaluate`) both run FinalModel through a
-`Predictor`, so the pixels, the normalisation and the forward pass are the same code for both,
+Serving (`app.service`) and evaluation (`training.evaluate`) both run a model through a
+`Predictor`, whichever of the three served networks it is (`final`: FinalModel, `lite`: LiteModel,
+`best`: AirbenchNet), so the pixels, the normalisation and the forward pass are the same code for both,
 whatever the backend: "served labels equal evaluated labels" holds for each one.
 
 Backends:
 - `TorchPredictor`: PyTorch eager on cpu, cuda or mps; fp32 or bf16 (autocast); NCHW or
   channels_last. It never changes the module it is given beyond `eval()`, so training may hand
   it the model it is training.
-- `OnnxPredictor`: ONNX Runtime on the CPU. The loaded FinalModel, with the normalisation in
+- `OnnxPredictor`: ONNX Runtime on the CPU. The loaded network, with the normalisation in
   front of it, is exported to ONNX in memory when the predictor is built: the state_dict
   checkpoint stays the one artifact.
 
