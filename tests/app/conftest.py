@@ -23,6 +23,8 @@ from app.predictor import Forward, Predictor, build_predictor
 from app.preprocess import normalize
 from app.settings import ENV_PREFIX, Settings
 
+from ..tiny import smooth_images
+
 REPO = Path(__file__).resolve().parents[2]
 
 CHECKPOINT_META = {
@@ -42,16 +44,13 @@ def distinct_model(
 ) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = architecture(**arch)
-    generator = torch.Generator().manual_seed(seed)
-    low = torch.rand(64, 3, 4, 4, generator=generator)
-    images = torch.nn.functional.interpolate(low, size=32, mode="bilinear", align_corners=False)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
                 module.reset_running_stats()
                 module.momentum = None  # a plain average over the calibration batch
         model.train()
-        model(normalize((images * 255).round().to(torch.uint8)))
+        model(normalize(smooth_images(64, seed)))
         model.eval()
         model.fc.weight.mul_(20)
     return model

@@ -19,6 +19,7 @@ from app.preprocess import normalize
 from app.service import StartupError
 from training.calibrate import fit_detector, fit_temperature, stage_sizes
 
+from ..tiny import smooth_images
 from .conftest import CHECKPOINT_META, HookedPredictors, distinct_model
 from .helpers import json_body
 from .images import png_bytes
@@ -81,9 +82,7 @@ def test_a_heatmap_lies_over_the_pixels_its_map_cell_sees():
 def calibrated(tmp_path_factory, weights):
     """The test checkpoint with a temperature of 2 and a detector fitted on smooth random images."""
     model = build_model(load_checkpoint(weights)).eval()
-    g = torch.Generator().manual_seed(3)
-    low = torch.rand(600, 3, 4, 4, generator=g)
-    images = (torch.nn.functional.interpolate(low, size=32, mode="bilinear") * 255).round().to(torch.uint8)
+    images = smooth_images(600, seed=3)
     with torch.no_grad():
         maps, pooled, _ = model.forward_stages(normalize(images))
     stats = stage_statistics(maps, pooled)

@@ -24,6 +24,7 @@ from app.predictor import (
 from app.preprocess import normalize
 from app.settings import Settings
 
+from ..tiny import smooth_images
 from .helpers import samples
 from .images import png_bytes
 
@@ -31,10 +32,7 @@ from .images import png_bytes
 @pytest.fixture(scope="module")
 def images() -> torch.Tensor:
     """Smooth random images, so that labels vary (noise gets one label from the test model)."""
-    generator = torch.Generator().manual_seed(0)
-    low = torch.rand(40, 3, 4, 4, generator=generator)
-    smooth = torch.nn.functional.interpolate(low, size=32, mode="bilinear", align_corners=False)
-    return (smooth * 255).round().to(torch.uint8)
+    return smooth_images(40)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Tiny CIFAR-10-shaped data sets in the ImageFolder layout, made by the tests themselves."""
+"""Fixtures for the training tests: a tiny data set as a folder and as an archive (built by
+tests/tiny.py), a checkpoint, and training or evaluation runs as a user starts them."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +17,9 @@ import torch
 from PIL import Image
 
 from app.checkpoint import save_checkpoint
-from app.model import CLASSES, FinalModel
+from app.model import FinalModel
+
+from ..tiny import make_archive, make_image_folder
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -30,21 +32,6 @@ TRAIN_STATE_KEYS = {
 BEST_KEYS = {"val_acc", "epoch", "train_acc", "state_dict", "weights"}
 
 
-def make_image_folder(root: Path, per_class: dict[str, int], seed: int = 0) -> Path:
-    """root/{split}/{class}/NNNN.png: each class a noisy version of its own colour, so it is learnable."""
-    g = torch.Generator().manual_seed(seed)
-    for split, count in per_class.items():
-        for label, name in enumerate(CLASSES):
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            base = torch.tensor([(label * 25) % 256, (label * 70) % 256, (255 - label * 25) % 256])
-            for i in range(count):
-                noise = torch.randint(-40, 41, (32, 32, 3), generator=g)
-                pixels = (base + noise).clamp(0, 255).to(torch.uint8).numpy()
-                Image.fromarray(pixels).save(folder / f"{i:04d}.png")
-    return root
-
-
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """12 training and 3 test images per class."""
@@ -54,10 +41,7 @@ def tiny_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_archive(tiny_data, tmp_path_factory) -> Path:
     """The same images as a .tar.gz with one top-level folder, like the shipped archive."""
-    path = tmp_path_factory.mktemp("archive") / "tiny.tar.gz"
-    with tarfile.open(path, "w:gz") as tar:
-        tar.add(tiny_data, arcname="cifar10")
-    return path
+    return make_archive(tiny_data, tmp_path_factory.mktemp("archive") / "tiny.tar.gz")
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from app.model import CLASSES
 from training.data import DataError, load_cifar10, split_validation
 from training.data import test_split_files as files_of_the_test_split
 
-from .conftest import make_image_folder
+from ..tiny import make_image_folder
 
 
 def test_archive_and_folder_give_the_same_tensors(tiny_data, tiny_archive, tmp_path):

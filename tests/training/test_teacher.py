@@ -26,17 +26,12 @@ from training.teacher import (
     whiten_init,
 )
 
+from ..tiny import smooth_images
 from .conftest import REPO, SUBPROCESS_TIMEOUT, signal_one_torchrun_worker
 
 
-def smooth_images(n: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    low = torch.rand(n, 3, 8, 8, generator=g)
-    return (nn.functional.interpolate(low, size=32, mode="bilinear") * 255).round().to(torch.uint8)
-
-
 def test_the_whitening_conv_decorrelates_the_patches_it_was_fitted_on():
-    images = normalize(smooth_images(64))
+    images = normalize(smooth_images(64, low=8))
     model = AirbenchNet((8, 8, 8))
     whiten_init(model.whitening, images)
     out = model.whitening(images)[:, :12]  # the 12 filters; the other 12 are their negatives
@@ -137,7 +132,7 @@ def legacy_teacher() -> nn.Module:
     torch.manual_seed(0)
     model = TeacherNet()
     model.train()
-    model(normalize(smooth_images(32)))  # BatchNorm statistics of its own
+    model(normalize(smooth_images(32, low=8)))  # BatchNorm statistics of its own
     return model.eval()
 
 
@@ -157,7 +152,7 @@ def test_a_teacher_written_before_airbenchnet_loads_with_the_same_logits(tmp_pat
         path,
     )
     model, meta = load_teacher(path)
-    x = normalize(smooth_images(8, seed=1))
+    x = normalize(smooth_images(8, seed=1, low=8))
     with torch.no_grad():
         assert torch.allclose(model(x), old(x), atol=1e-6)
     assert meta["widths"] == [32, 64, 256, 256] and len(meta["sha256"]) == 64
