@@ -10,6 +10,7 @@ import asyncio
 import re
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -121,25 +122,23 @@ def test_a_trickle_of_header_bytes_does_not_keep_a_connection_open(url):
 
 
 def test_past_the_connection_cap_new_connections_are_refused_at_once(url):
+    """Each connection is read until the server closes it: an accepted one that sends nothing is
+    closed silently at the header deadline, a refused one gets its 503 before that."""
     socks = []
     try:
         for _ in range(MAX_CONNECTIONS + 5):  # all within the header deadline, so none is closed yet
             socks.append(connect(url))
-        time.sleep(0.3)
-        answers = []
-        for sock in socks:
-            sock.setblocking(False)
-            try:
-                answers.append(sock.recv(4096))
-            except BlockingIOError:  # accepted: it says nothing until asked
-                answers.append(None)
+        with ThreadPoolExecutor(len(socks)) as pool:
+            ends = list(pool.map(read_until_closed, socks))
     finally:
         for sock in socks:
             sock.close()
-    refused = [a for a in answers if a is not None]
-    assert len(refused) >= 5, answers
-    assert len(answers) - len(refused) <= MAX_CONNECTIONS
-    for answer in refused:
+    refused = [(answer, closed) for answer, closed in ends if answer]
+    accepted = [closed for answer, closed in ends if not answer]
+    assert len(refused) >= 5, ends
+    assert len(accepted) <= MAX_CONNECTIONS
+    assert max(closed for _, closed in refused) < min(accepted)  # at once, not at the deadline
+    for answer, _ in refused:
         assert answer.startswith(b"HTTP/1.1 503 "), answer[:200]
         assert b"too_many_connections" in answer and b"retry-after: " in answer
     text = httpx.get(f"{url}/metrics", timeout=10).text
@@ -178,6 +177,8 @@ async def _flood_and_probe(
     refused = 0
     health: list[float] = []
 
+    engaged = asyncio.Event()  # the gate has refused the flood: the probes start
+
     def running() -> bool:
         return len(admitted) < admissions and loop.time() < give_up
 
@@ -186,12 +187,17 @@ async def _flood_and_probe(
         try:
             while running():
                 statuses.append(await _exchange(reader, writer, flood_request))
+                if statuses[-1] == 503:
+                    engaged.set()
         finally:
             writer.close()
 
     async def probe() -> None:
         nonlocal refused
-        await asyncio.sleep(0.5)  # into the flood
+        try:  # into the flood, once it is refused; a gate that never engages fails the test
+            await asyncio.wait_for(engaged.wait(), max_seconds)
+        except TimeoutError:
+            return
         reader, writer = await asyncio.open_connection(host, port)
         try:
             while running():
