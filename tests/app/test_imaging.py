@@ -61,11 +61,17 @@ def test_cmyk_jpeg_becomes_rgb():
 
 
 def test_pixel_limit_counts_the_pixels_jpeg_really_decodes():
-    big = jpeg_bytes(0, (4000, 3000), quality=50)  # 12 MP, decoded at 1/8 scale: 500x375
+    """A JPEG is decoded at reduced scale (draft mode) within the limit; the same picture as PNG,
+    which has no reduced decoding, is refused."""
+    picture = blobs(0, (4000, 3000))
+    big = encode(picture, "JPEG", quality=50)  # 12 MP, decoded at 1/8 scale: 500x375
     assert decode_upload(big, 200_000).shape == (3, 32, 32)
     with pytest.raises(UploadError) as info:
         decode_upload(big, 100_000)
     assert info.value.status == 413 and "4000x3000" in info.value.message and "500x375" in info.value.message
+    with pytest.raises(UploadError) as info:
+        decode_upload(encode(picture, "PNG", compress_level=1), 200_000)
+    assert info.value.status == 413 and "4000x3000" in info.value.message
 
 
 def test_pixel_limit_is_applied_before_decoding():
