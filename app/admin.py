@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field
 from app.checkpoint import CheckpointError
 from app.errors import ApiError, ErrorBody
 from app.predict import StrictQuery, model_field
+from app.reloading import reload_model
 from app.routes import ServiceDep
 from app.security import require_admin
 
@@ -77,7 +78,7 @@ async def reload(
         raise ApiError(422, "invalid_request", "give the weights path once: in the query or in the body")
     started = time.perf_counter()
     try:
-        previous, loaded = await asyncio.to_thread(service.reload, body_path or path or None, model)
+        previous, loaded = await asyncio.to_thread(reload_model, service, body_path or path or None, model)
     except CheckpointError as exc:
         raise ApiError(422, "invalid_weights", f"{exc}; the old weights keep serving") from None
     except OSError as exc:  # a path the system refuses: a name too long, a directory... (found by fuzzing)

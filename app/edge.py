@@ -1,6 +1,6 @@
 """The HTTP edge of the model service: domain results and errors -> statuses, bodies and headers.
 
-`ModelService` (app.service) answers in `Classification`s and raises `ServiceError`s; only this
+`ModelService` (app.service) answers in `Classification`s and raises `ServiceError`s (app.domain); only this
 module knows which status each error gets, which carry Retry-After, and how a classification
 becomes a `PredictResponse`. The route and the fast path both answer through `predict_response`,
 so their bodies are the same; `install_service_errors` lets routes simply let a domain error
@@ -15,7 +15,18 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from app.calibration import public
+from app.domain import (
+    AtCapacity,
+    BadUploads,
+    Classification,
+    NoImages,
+    NotReady,
+    ServiceError,
+    TooManyFiles,
+    UnknownModel,
+)
 from app.errors import ApiError, FileProblem, refuse
+from app.loading import dtype_name
 from app.model import CLASSES, INPUT_SHAPE, MEAN, STD
 from app.schemas import (
     CalibrationInfo,
@@ -30,18 +41,7 @@ from app.schemas import (
     ServingInfo,
     Timing,
 )
-from app.service import (
-    AtCapacity,
-    BadUploads,
-    Classification,
-    ModelService,
-    NoImages,
-    NotReady,
-    ServiceError,
-    TooManyFiles,
-    UnknownModel,
-    dtype_name,
-)
+from app.service import ModelService
 
 _STATUS: dict[type[ServiceError], int] = {
     NotReady: 503,

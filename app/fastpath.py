@@ -19,8 +19,9 @@ import io
 from python_multipart.multipart import parse_options_header
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.domain import Upload
 from app.predict import PredictQuery, answer, read_query
-from app.service import ModelService, Upload
+from app.service import ModelService
 
 # Bodies up to this size are read into memory here; a bigger one goes to the route, whose parser
 # spools it to an anonymous temporary file past the same size (Starlette's default).

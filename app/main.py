@@ -47,10 +47,11 @@ from starlette.types import Scope
 from app import openapi
 from app.admin import admin_router
 from app.batching import Arrival
-from app.checkpoint import CheckpointError
+from app.domain import ServiceError, StartupError
 from app.edge import api_error, install_service_errors
 from app.errors import ErrorBody, install_error_handlers
 from app.fastpath import PredictFastPath
+from app.loading import PredictorFactory
 from app.metrics import Metrics, MetricsMiddleware
 from app.middleware import (
     AdmissionMiddleware,
@@ -60,9 +61,10 @@ from app.middleware import (
 )
 from app.page import DocsPolicyMiddleware
 from app.page import router as page_router
+from app.reloading import reload_every_model
 from app.routes import inference_router, model_router, ops_router, requested_model
 from app.security import API_KEY_HEADER, require_api_key
-from app.service import ModelService, PredictorFactory, ServiceError, StartupError
+from app.service import ModelService
 from app.settings import Settings, env_name
 from app.v2 import inference_router as v2_inference_router
 from app.v2 import router as v2_router
@@ -116,20 +118,6 @@ def _configure_logging(level: str) -> None:
         logger.addHandler(handler)
 
 
-async def _reload_on_sighup(service: ModelService) -> None:
-    """Every served model reloads from its configured file; one refused keeps its old weights."""
-    for name in service.model_names:
-        log.info("SIGHUP: reloading %r from %s", name, service.slot(name).weights)
-        try:
-            await asyncio.to_thread(service.reload, None, name)  # logs the swap itself
-        except CheckpointError as exc:
-            sha = service.loaded(name).sha256[:12]
-            log.error("SIGHUP: reload refused for %r: %s; still serving sha256 %s...", name, exc, sha)
-        except ServiceError as exc:
-            log.warning("SIGHUP: no reload: %s", exc.message)
-            return
-
-
 async def _drain_then_stop(service: ModelService, stop: Callable[[], Any]) -> None:
     started = time.monotonic()
     log.info(
@@ -167,7 +155,7 @@ def _install_signal_handlers(service: ModelService) -> Callable[[], None]:
     undo: list[Callable[[], object]] = []
     sighup = getattr(signal, "SIGHUP", None)
     if sighup is not None:
-        loop.add_signal_handler(sighup, lambda: spawn(_reload_on_sighup(service)))
+        loop.add_signal_handler(sighup, lambda: spawn(reload_every_model(service)))
         undo.append(lambda: loop.remove_signal_handler(sighup))
 
     server_handler = signal.getsignal(signal.SIGTERM)

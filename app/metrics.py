@@ -174,7 +174,7 @@ class Metrics:
             self.queue_wait_seconds.observe(wait)
 
     def count_answers(self, answers: list[Any], model: str) -> None:
-        """Count each answer (`app.service.ImageAnswer`) by its label, and the unsure ones."""
+        """Count each answer (`app.domain.ImageAnswer`) by its label, and the unsure ones."""
         counters = self._label_counters.get(model)
         if counters is None:
             counters = self._label_counters[model] = [self.predictions.labels(model, c) for c in CLASSES]

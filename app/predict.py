@@ -19,9 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import Response
 
 from app.batching import Arrival
+from app.domain import Classification, ServiceError, Upload
 from app.edge import api_error, predict_response
 from app.errors import refuse
-from app.service import Classification, ModelService, ServiceError, Upload
+from app.service import ModelService
 from app.settings import MAX_TOP_K
 
 

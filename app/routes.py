@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import Field
 from starlette.types import Scope
 
+from app.domain import Upload
 from app.edge import model_summary as build_summary
 from app.errors import error_responses
 from app.imaging import supported_formats
@@ -26,7 +27,7 @@ from app.metrics import Metrics
 from app.model import format_layer_table
 from app.predict import PredictQuery, StrictQuery, answer, model_field
 from app.schemas import Health, ModelSummary, PredictResponse
-from app.service import ModelService, Upload
+from app.service import ModelService
 
 
 async def get_service(request: Request) -> ModelService:
@@ -119,7 +120,7 @@ async def model_summary(
 
 @ops_router.get("/health/live", response_model=Health, summary="The process is up (it may still be loading)")
 async def live(service: ServiceDep) -> Health:
-    loaded = service.loaded_model  # None while loading
+    loaded = service.slot().loaded  # the default model; None while loading
     return Health(status="alive", model_sha256=loaded.sha256 if loaded else None)
 
 
@@ -133,7 +134,7 @@ async def ready(service: ServiceDep) -> Health | JSONResponse:
     if not service.ready:
         headers = {"Retry-After": str(service.settings.retry_after_s)}
         return JSONResponse(Health(status=service.state.value).model_dump(), status_code=503, headers=headers)
-    return Health(status="ready", model_sha256=service.model.sha256)
+    return Health(status="ready", model_sha256=service.loaded().sha256)
 
 
 @ops_router.get(

@@ -32,9 +32,10 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from app.domain import ImageAnswer, ServiceError, Upload
 from app.edge import api_error
 from app.errors import ApiError, refuse
-from app.service import ImageAnswer, ModelService, ServiceError, Upload
+from app.service import ModelService
 from app.v2_tensors import (
     HEADER_LENGTH,
     INPUT,

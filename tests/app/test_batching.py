@@ -353,7 +353,7 @@ def test_a_full_queue_answers_503_with_retry_after(serve):
                 assert entered.wait(WAIT)
                 two = [("file", (f"{i}.png", png_bytes(i))) for i in (2, 3)]
                 queued = pool.submit(client.post, "/predict", files=two)
-                assert wait_until(lambda: service.batcher.queued == 2)
+                assert wait_until(lambda: service.slot().batcher.queued == 2)
                 for _ in range(3):
                     started = time.perf_counter()
                     r = client.post("/predict", files=[("file", ("c.png", png_bytes(4)))])

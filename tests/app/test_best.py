@@ -10,10 +10,11 @@ import torch
 from fastapi.testclient import TestClient
 
 from app.checkpoint import file_sha256, save_checkpoint
+from app.domain import StartupError
 from app.imaging import read_upload
+from app.loading import load_model
 from app.main import create_app
 from app.model import CLASSES, AirbenchNet
-from app.service import StartupError, load_model
 
 from .conftest import CHECKPOINT_META, SMALL_AIRBENCH, distinct_model
 from .helpers import json_body, value

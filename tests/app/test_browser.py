@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 
 from app.checkpoint import build_model, load_checkpoint
+from app.loading import load_model
 from app.model import CLASSES
 from app.preprocess import load_image, normalize
-from app.service import load_model
 
 from ..live import REPO, SHIPPED, live_service
 

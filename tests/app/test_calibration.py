@@ -11,12 +11,12 @@ from fastapi.testclient import TestClient
 
 from app.calibration import KEEP, Calibration, Detector, expected_calibration_error, stage_statistics
 from app.checkpoint import build_model, load_checkpoint, save_checkpoint
+from app.domain import StartupError
 from app.explain import heatmaps
 from app.imaging import read_upload
 from app.main import create_app
 from app.model import FinalModel
 from app.preprocess import normalize
-from app.service import StartupError
 from training.calibrate import fit_detector, fit_temperature, stage_sizes
 
 from ..tiny import smooth_images

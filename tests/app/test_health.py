@@ -7,8 +7,8 @@ import logging
 import pytest
 from fastapi.testclient import TestClient
 
+from app.domain import StartupError
 from app.main import create_app
-from app.service import StartupError
 
 from .images import png_bytes
 

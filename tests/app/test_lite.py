@@ -11,10 +11,11 @@ from fastapi.testclient import TestClient
 
 from app import settings as settings_module
 from app.checkpoint import file_sha256, save_checkpoint
+from app.domain import StartupError
 from app.imaging import read_upload
+from app.loading import load_model
 from app.main import create_app
 from app.model import CLASSES, LiteModel
-from app.service import StartupError, load_model
 from app.settings import Settings
 
 from .conftest import CHECKPOINT_META, distinct_model

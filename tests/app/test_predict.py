@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from app.checkpoint import build_model, load_checkpoint, save_checkpoint
+from app.loading import load_model
 from app.model import CLASSES
 from app.preprocess import load_image, normalize
-from app.service import load_model
 
 from .conftest import distinct_model
 from .images import blobs, encode, png_bytes

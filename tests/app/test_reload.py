@@ -13,8 +13,8 @@ import torch
 
 from app.checkpoint import FORMAT, file_sha256
 from app.imaging import read_upload
+from app.loading import load_model
 from app.model import CLASSES
-from app.service import load_model
 
 from .conftest import HookedPredictors
 from .helpers import metric, variant

@@ -9,8 +9,8 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from app.device import resolve_device
+from app.domain import StartupError
 from app.main import create_app, settings_from_env
-from app.service import StartupError
 from app.settings import Settings, available_cpus
 
 from .conftest import REPO
