@@ -1,15 +1,12 @@
 """The HTTP edge of the model service: domain results and errors -> statuses, bodies and headers.
 
-`ModelService` (app.service) answers in `Classification`s and raises `ServiceError`s (app.domain); only this
-module knows which status each error gets, which carry Retry-After, and how a classification
-becomes a `PredictResponse`. The route and the fast path both answer through `predict_response`,
-so their bodies are the same; `install_service_errors` lets routes simply let a domain error
-rise.
+`ModelService` (app.service) answers in `Classification`s and raises `ServiceError`s (app.domain);
+only this module knows which status each error gets and which carry Retry-After (`api_error`);
+`install_service_errors` lets routes simply let a domain error rise. How a classification becomes
+a /predict answer is `app.predict`'s; what /model/summary says is `model_summary`'s.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -18,7 +15,6 @@ from app.calibration import public
 from app.domain import (
     AtCapacity,
     BadUploads,
-    Classification,
     NoImages,
     NotReady,
     ServiceError,
@@ -30,16 +26,11 @@ from app.loading import dtype_name
 from app.model import CLASSES, INPUT_SHAPE, MEAN, STD
 from app.schemas import (
     CalibrationInfo,
-    ClassProbability,
     InferenceInfo,
     LayerInfo,
-    ModelRef,
     ModelSummary,
     Normalization,
-    Prediction,
-    PredictResponse,
     ServingInfo,
-    Timing,
 )
 from app.service import ModelService
 
@@ -80,43 +71,6 @@ def install_service_errors(app: FastAPI) -> None:
         return refuse(error, getattr(request.app.state, "metrics", None), request.url.path)
 
     app.add_exception_handler(ServiceError, handle)
-
-
-def predict_response(result: Classification) -> PredictResponse:
-    predictions = []
-    for filename, answer in zip(result.filenames, result.answers, strict=True):
-        probs = answer.probabilities
-        order = sorted(range(len(probs)), key=probs.__getitem__, reverse=True)[: result.top_k]
-        values: dict[str, Any] = {
-            "filename": filename,
-            "label": CLASSES[order[0]],
-            "index": order[0],
-            "confidence": probs[order[0]],
-            "top_k": [
-                ClassProbability.model_construct(label=CLASSES[i], probability=probs[i]) for i in order
-            ],
-            "unsure": answer.unsure,
-            "ood_score": answer.ood_score,
-        }
-        if answer.heatmap is not None:  # else left unset, and out of the answer
-            values["heatmap"] = answer.heatmap
-        # model_construct: the service's own values, typed already; validating the 1,024 numbers of
-        # a heatmap would cost more than the heatmap itself
-        predictions.append(Prediction.model_construct(**values))
-    loaded = result.model
-    return PredictResponse(
-        predictions=predictions,
-        model=ModelRef(
-            name=loaded.architecture, id=loaded.name, sha256=loaded.sha256, device=str(loaded.device)
-        ),
-        timing=Timing(
-            total_ms=1000 * result.total_s,
-            decode_ms=1000 * result.decode_s,
-            queue_ms=1000 * result.queue_s,
-            inference_ms=1000 * result.run_s,
-            batch_size=result.batch_size,
-        ),
-    )
 
 
 def model_summary(service: ModelService, model: str | None = None) -> ModelSummary:

@@ -6,8 +6,8 @@ route's throughput). The FastAPI route (`app.routes.predict`) declares /predict 
 schema, and serves what the fast path leaves to FastAPI's general form parser (a body over 1 MiB
 or without Content-Length, other form fields, an unusual layout) or to its 422 explanations (a
 query that is not valid), and every request when CIFAR10_FAST_PATH=false. Both read the query as
-`PredictQuery`, take `top_k` by `PredictQuery.resolve_top_k` and answer through `answer`, so a
-request gets the same answer whichever of the two serves it.
+`PredictQuery`, take `top_k` by `PredictQuery.resolve_top_k` and answer through `answer`, whose
+one writer is `write_answer`, so a request gets the same answer whichever of the two serves it.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ from starlette.responses import Response
 
 from app.batching import Arrival
 from app.domain import Classification, ServiceError, Upload
-from app.edge import api_error, predict_response
+from app.edge import api_error
 from app.errors import refuse
+from app.model import CLASSES
+from app.schemas import ClassProbability, ModelRef, Prediction, PredictResponse, Timing
 from app.service import ModelService
 from app.settings import MAX_TOP_K
 
@@ -79,11 +81,47 @@ def read_query(query_string: bytes) -> PredictQuery | None:
         return None
 
 
-def prediction_response(result: Classification) -> Response:
-    """The one writer of a /predict answer: `PredictResponse` as JSON, the heatmap only when asked for.
+def _response_model(result: Classification) -> PredictResponse:
+    """Each image's top_k classes, most likely first, with its unsure flag (and heatmap, if asked)."""
+    predictions = []
+    for filename, image in zip(result.filenames, result.answers, strict=True):
+        probs = image.probabilities
+        order = sorted(range(len(probs)), key=probs.__getitem__, reverse=True)[: result.top_k]
+        values: dict[str, Any] = {
+            "filename": filename,
+            "label": CLASSES[order[0]],
+            "index": order[0],
+            "confidence": probs[order[0]],
+            "top_k": [
+                ClassProbability.model_construct(label=CLASSES[i], probability=probs[i]) for i in order
+            ],
+            "unsure": image.unsure,
+            "ood_score": image.ood_score,
+        }
+        if image.heatmap is not None:  # else left unset, and out of the answer
+            values["heatmap"] = image.heatmap
+        # model_construct: the service's own values, typed already; validating the 1,024 numbers of
+        # a heatmap would cost more than the heatmap itself
+        predictions.append(Prediction.model_construct(**values))
+    loaded = result.model
+    return PredictResponse(
+        predictions=predictions,
+        model=ModelRef(
+            name=loaded.architecture, id=loaded.name, sha256=loaded.sha256, device=str(loaded.device)
+        ),
+        timing=Timing(
+            total_ms=1000 * result.total_s,
+            decode_ms=1000 * result.decode_s,
+            queue_ms=1000 * result.queue_s,
+            inference_ms=1000 * result.run_s,
+            batch_size=result.batch_size,
+        ),
+    )
 
-    Built from the service's own typed values (`app.edge.predict_response`), not validated again."""
-    body = predict_response(result).model_dump_json(exclude_unset=True).encode()
+
+def write_answer(result: Classification) -> Response:
+    """The one writer of a /predict answer: `PredictResponse` as JSON, the heatmap only when asked for."""
+    body = _response_model(result).model_dump_json(exclude_unset=True).encode()
     return Response(body, media_type="application/json")
 
 
@@ -97,4 +135,4 @@ async def answer(
         result = await service.classify(uploads, top_k, arrival, query.model, explain=query.explain == "cam")
     except ServiceError as error:
         return refuse(api_error(error, settings.retry_after_s), service.metrics, path)
-    return prediction_response(result)
+    return write_answer(result)
