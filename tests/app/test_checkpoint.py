@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from app.checkpoint import CheckpointError, build_model, load_checkpoint, save_checkpoint
-from app.model import CLASSES, INPUT_SHAPE, MEAN, STD, FinalModel
+from app.model import CLASSES, INPUT_SHAPE, MEAN, STD, FinalModel, LiteModel
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -46,6 +46,24 @@ def test_bare_state_dict_loads_with_empty_metadata(tmp_path):
     ckpt = load_checkpoint(path)
     assert ckpt.is_bare
     assert _same_weights(build_model(ckpt), model)
+
+
+def test_a_lite_checkpoint_round_trips_as_a_lite_model(tmp_path):
+    torch.manual_seed(0)
+    lite = LiteModel().eval()
+    save_checkpoint(tmp_path / "lite.pt", lite, epoch=1)
+    ckpt = load_checkpoint(tmp_path / "lite.pt")
+    assert ckpt.meta["model"] == "LiteModel"
+    rebuilt = build_model(ckpt)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert isinstance(rebuilt, LiteModel) and torch.equal(rebuilt(x), lite(x))
+
+
+def test_build_model_can_insist_on_one_architecture(tmp_path):
+    save_checkpoint(tmp_path / "lite.pt", LiteModel(), epoch=1)
+    with pytest.raises(CheckpointError, match="holds a LiteModel, not FinalModel"):
+        build_model(load_checkpoint(tmp_path / "lite.pt"), "FinalModel")
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])

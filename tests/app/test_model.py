@@ -1,7 +1,5 @@
-import pytest
 import torch
 
-from app.checkpoint import CheckpointError, build_model, load_checkpoint, save_checkpoint
 from app.model import CLASSES, FinalModel, LiteModel, count_parameters, format_layer_table, layer_table
 
 from ..original_summary import ORIGINAL_TABLE, original_rows
@@ -41,21 +39,3 @@ def test_lite_model_is_under_50000_parameters_with_finalmodels_shape_of_blocks()
     assert not any(r.type.startswith("MaxPool") for r in layer_table(model))
     with torch.no_grad():
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, len(CLASSES))
-
-
-def test_a_lite_checkpoint_round_trips_as_a_lite_model(tmp_path):
-    torch.manual_seed(0)
-    lite = LiteModel().eval()
-    save_checkpoint(tmp_path / "lite.pt", lite, epoch=1)
-    ckpt = load_checkpoint(tmp_path / "lite.pt")
-    assert ckpt.meta["model"] == "LiteModel"
-    rebuilt = build_model(ckpt)
-    x = torch.randn(3, 3, 32, 32)
-    with torch.no_grad():
-        assert isinstance(rebuilt, LiteModel) and torch.equal(rebuilt(x), lite(x))
-
-
-def test_build_model_can_insist_on_one_architecture(tmp_path):
-    save_checkpoint(tmp_path / "lite.pt", LiteModel(), epoch=1)
-    with pytest.raises(CheckpointError, match="holds a LiteModel, not FinalModel"):
-        build_model(load_checkpoint(tmp_path / "lite.pt"), "FinalModel")
