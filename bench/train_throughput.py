@@ -37,8 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from app.model import AirbenchNet, FinalModel  # noqa: E402
 from app.preprocess import normalize  # noqa: E402
 from training.data import Split, load_cifar10  # noqa: E402
+from training.runtime import Runtime  # noqa: E402
 from training.teacher import load_teacher, parse_widths  # noqa: E402
-from training.train import Runtime, TeacherPass, TrainConfig, train_one_epoch  # noqa: E402
+from training.train import TeacherPass, TrainConfig, train_one_epoch  # noqa: E402
 
 
 def make_runtime(amp: bool, channels_last: bool, rank: int = 0, world: int = 1) -> Runtime:

@@ -2,10 +2,13 @@
 
 The family the original design used (flip, shift-scale-rotate, coarse dropout), done the way
 fast CIFAR-10 trainers do it: random horizontal flip, random translation with reflect padding,
-and cutout (a square set to 0, which after normalisation is the data set's mean colour).
+and cutout (a square set to 0, which after normalisation is the data set's mean colour); and
+mixup, which blends a batch with a shuffled copy of itself and the loss over the pair of labels.
 """
 
 from __future__ import annotations
+
+import random
 
 import torch
 import torch.nn.functional as F
@@ -47,3 +50,27 @@ def cutout(x: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
 
 def augment(x: torch.Tensor, pad: int, cutout_size: int, g: torch.Generator) -> torch.Tensor:
     return cutout(translate(flip(x, g), pad, g), cutout_size, g)
+
+
+def mixup(
+    x: torch.Tensor, y: torch.Tensor, alpha: float, key: str, g: torch.Generator
+) -> tuple[torch.Tensor, tuple[float, torch.Tensor] | None]:
+    """The batch blended with a shuffled copy of itself, lam * x + (1 - lam) * x[pair] with lam ~
+    Beta(alpha, alpha) drawn from `key` (the same after a resume), and (lam, the pair's labels);
+    (x, None) when alpha is 0."""
+    if alpha <= 0:
+        return x, None
+    lam = random.Random(key).betavariate(alpha, alpha)
+    pair = torch.randperm(len(y), generator=g, device=g.device).to(x.device)
+    return lam * x + (1 - lam) * x[pair], (lam, y[pair])
+
+
+def mixed_cross_entropy(
+    logits: torch.Tensor, y: torch.Tensor, label_smoothing: float, mix: tuple[float, torch.Tensor] | None
+) -> torch.Tensor:
+    """Label-smoothed cross-entropy; for a mixed batch, blended over the pair of labels."""
+    ce = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+    if mix is None:
+        return ce
+    lam, y_pair = mix
+    return lam * ce + (1 - lam) * F.cross_entropy(logits, y_pair, label_smoothing=label_smoothing)

@@ -35,46 +35,46 @@ import json
 import logging
 import math
 import os
-import random
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from app.checkpoint import (
     CheckpointError,
-    atomic_torch_save,
     build_model,
     file_sha256,
     load_checkpoint,
     save_checkpoint,
 )
-from app.device import DEVICE_CHOICES, autocast_dtype
+from app.device import DEVICE_CHOICES
 from app.model import CLASSES, MEAN, STD, AirbenchNet
 from app.preprocess import normalize
-from training.augment import cutout, translate
+from training.augment import cutout, mixed_cross_entropy, mixup, translate
 from training.calibrate import calibrate_file
-from training.config import DRY_RUN_SAYS, SWITCH, option
-from training.data import DataError, Split, limit_split, load_cifar10, split_validation
-from training.train import (
+from training.config import SWITCH, ConfigError, option
+from training.data import DataError, Split
+from training.runtime import (
+    Epoch,
+    EpochLoop,
+    Runtime,
     StopFlag,
     all_sum,
     any_rank,
+    augment_generator,
     code_version,
     device_description,
     epoch_order,
-    init_distributed,
-    process_device,
-    read_state,
+    load_splits,
+    now,
+    start_process,
 )
 
 log = logging.getLogger("training.teacher")
@@ -417,15 +417,16 @@ def load_teacher(path: str | os.PathLike) -> tuple[AirbenchNet, dict]:
 
 
 # ---------------------------------------------------------------- the run
+# The shape of training.train's run: setup(), then the loop of training.runtime.EpochLoop around
+# train_one_epoch() and evaluate(), then finish() writes teacher.pt.
 
 
 @dataclass
-class Setup:
+class TeacherRun(EpochLoop):
+    """A run of AirbenchNet: what trains, and where it stands (what last.pt saves)."""
+
     cfg: TeacherConfig
-    rank: int
-    world: int
-    device: torch.device
-    amp: torch.dtype | None
+    rt: Runtime
     train: Split
     val: Split
     test: Split
@@ -436,40 +437,139 @@ class Setup:
     lookahead: Lookahead | None
     batches: int
     total_steps: int
-    history: list[dict]
+    last_path: Path
+    history: list[dict] = field(default_factory=list)
     epoch: int = 0
     batch: int = 0
     elapsed: float = 0.0
 
-    @property
-    def last_path(self) -> Path:
-        return Path(self.cfg.out) / "last.pt"
+    def epochs_left(self) -> bool:
+        return self.epoch * self.batches < self.total_steps
+
+    def train_one_epoch(self, stop: StopFlag) -> Epoch:
+        """Run epoch self.epoch from batch self.batch; returns this rank's loss sum, correct count
+        and images (and advances self.batch; it stops early, with self.batch < self.batches, when any
+        rank was signalled)."""
+        cfg, device, rank = self.cfg, self.rt.device, self.rt.rank
+        per_rank = cfg.batch_size // self.rt.world
+        order = epoch_order(len(self.train), cfg.seed, self.epoch).to(self.train.images.device)
+        g = augment_generator(cfg.seed, self.epoch, rank, device)
+        flips = flip_bits(len(self.train), cfg.seed, self.epoch, cfg.alt_flip, g).to(self.train.images.device)
+        self.net.train()
+        started, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
+        while self.batch < self.batches:
+            step = self.epoch * self.batches + self.batch
+            if step >= self.total_steps or any_rank(stop(), device):
+                break
+            set_lr(self.optimizer, lr_at(step, self.total_steps, cfg), self.epoch, cfg)
+            idx = order[self.batch * cfg.batch_size :][rank * per_rank : (rank + 1) * per_rank]
+            x = normalize(self.train.images[idx].to(device))
+            x = torch.where(flips[idx].to(device).view(-1, 1, 1, 1), x.flip(3), x)
+            x = cutout(translate(x, cfg.translate, g), cfg.cutout, g).contiguous(
+                memory_format=torch.channels_last
+            )
+            y = self.train.labels[idx].to(device)
+            x, mix = mixup(x, y, cfg.mixup, f"{cfg.seed}/{self.epoch}/{self.batch}/{rank}", g)
+            with self.rt.autocast():
+                logits = self.net(x).float()
+            loss = mixed_cross_entropy(logits, y, cfg.label_smoothing, mix)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.batch += 1
+            if self.lookahead is not None and (step + 1) % LOOKAHEAD_EVERY == 0:
+                self.lookahead.update(step + 1, self.total_steps)
+            loss_sum += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+        seconds = time.perf_counter() - started
+        self.elapsed += seconds
+        finished = self.batch >= self.batches or self.epoch * self.batches + self.batch >= self.total_steps
+        return Epoch(self.epoch, self.batch, self.batches, not finished, seconds, loss_sum, correct, seen)
+
+    def evaluate(self, done: Epoch) -> None:
+        loss_sum, correct, seen = all_sum([done.loss_sum, done.correct, done.seen], self.rt.device)
+        self.history.append(
+            {
+                "epoch": self.epoch + 1,
+                "train_loss": loss_sum / max(seen, 1),
+                "train_acc": correct / max(seen, 1),
+                "val_acc": accuracy(self.model, self.val, self.rt.device) if self.rt.rank == 0 else 0.0,
+                "images_per_s": seen / max(done.seconds, 1e-9),
+                "seconds": done.seconds,
+            }
+        )
+        self.epoch, self.batch = self.epoch + 1, 0
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "format": STATE_FORMAT,
+            "config": dataclasses.asdict(self.cfg),
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "elapsed": self.elapsed,
+            "history": self.history,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lookahead": self.lookahead.average if self.lookahead else None,
+            "data_fingerprint": self.fingerprint,
+        }
+
+    def report(self) -> None:
+        row = self.history[-1]
+        log.info(
+            "epoch %d/%s  loss %.4f  train %.2f%%  val %.2f%%  %.0f img/s  %.0fs",
+            row["epoch"], f"{self.cfg.epochs:g}", row["train_loss"], 100 * row["train_acc"],
+            100 * row["val_acc"], row["images_per_s"], row["seconds"],
+        )  # fmt: skip
+        (Path(self.cfg.out) / "history.json").write_text(json.dumps(self.history, indent=2))
+
+    def finish(self) -> dict[str, Any]:
+        """Rank 0: take the lookahead average, measure it, write teacher.pt calibrated on the
+        validation split; the history (and on rank 0 the metrics)."""
+        if self.rt.rank != 0:
+            return {"history": self.history}
+        cfg, model, device = self.cfg, self.model, self.rt.device
+        if self.lookahead is not None:
+            self.lookahead.finish()
+        metrics = {
+            "val_acc": accuracy(model, self.val, device),
+            "val_acc_tta": accuracy(model, self.val, device, tta=cfg.tta),
+            "train_acc": self.history[-1]["train_acc"] if self.history else 0.0,
+        }
+        if cfg.test:
+            metrics["test_acc"] = accuracy(model, self.test, device)
+            metrics["test_acc_tta"] = accuracy(model, self.test, device, tta=cfg.tta)
+        path = Path(cfg.out) / "teacher.pt"
+        amp = f", {self.rt.amp_dtype}" if self.rt.amp_dtype else ", float32"
+        save_checkpoint(
+            path, model, arch=arch_of(cfg), widths=arch_of(cfg)["widths"], val_size=cfg.val_size,
+            seed=cfg.seed, limit=cfg.limit, config=dataclasses.asdict(cfg), metrics=metrics,
+            epoch=len(self.history), complete=True, data_fingerprint=self.fingerprint,
+            data_source=Path(cfg.data).name, code_version=code_version(),
+            device=device_description(device, self.rt.world) + amp, duration_s=round(self.elapsed, 1),
+            created_at=now(),
+        )  # fmt: skip
+        calibrate_file(path, self.train, self.val, device, cfg.seed)
+        log.info(
+            "teacher: val %.2f%% (TTA level %d: %.2f%%)%s; wrote %s",
+            100 * metrics["val_acc"], cfg.tta, 100 * metrics["val_acc_tta"],
+            f", test {100 * metrics['test_acc']:.2f}%" if "test_acc" in metrics else "",
+            path,
+        )  # fmt: skip
+        return {"history": self.history, "metrics": metrics}
 
 
-def setup(cfg: TeacherConfig, resume: bool, overrides: dict[str, Any]) -> Setup:
-    rank, world, local_world = init_distributed(cfg.device)
-    state = None
-    if resume:
-        state = read_state(Path(cfg.out) / "last.pt", STATE_FORMAT)
+def setup(cfg: TeacherConfig, resume: bool, overrides: dict[str, Any]) -> TeacherRun:
+    """The run (restored from <out>/last.pt with `resume`): device, splits, network, optimiser."""
+    out = cfg.out
+
+    def resumed(saved: dict[str, Any]) -> TeacherConfig:
         runtime = {k: v for k, v in overrides.items() if k in RESUME_OVERRIDES}
-        cfg = TeacherConfig(**{**state["config"], "out": cfg.out, **runtime})
-    device = process_device(cfg.device, cfg.threads, world, local_world)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    if cfg.batch_size % world:
-        raise DataError(f"batch size {cfg.batch_size} must divide evenly across {world} processes")
-    amp = autocast_dtype(device) if cfg.amp == "auto" else (torch.bfloat16 if cfg.amp == "on" else None)
+        return TeacherConfig(**{**saved, "out": out, **runtime})
 
-    data = load_cifar10(cfg.data, cfg.cache_dir)
-    train, val = split_validation(data.train, cfg.val_size, cfg.seed)
-    test = data.test
-    if cfg.limit:
-        train = limit_split(train, cfg.limit, cfg.seed)
-        test = limit_split(test, max(cfg.limit // 5, 1), cfg.seed)
-    if device.type == "cuda":
-        train = Split(train.images.to(device), train.labels.to(device))
-    if len(train) < cfg.batch_size:
-        raise DataError(f"{len(train)} training images are fewer than one batch of {cfg.batch_size}")
+    cfg, rt, state = start_process(cfg, resume, STATE_FORMAT, resumed, lambda *_: True)  # always NHWC
+    train, val, test, fingerprint = load_splits(cfg, rt.device, state)
 
     torch.manual_seed(cfg.seed)
     model = AirbenchNet(**arch_of(cfg))
@@ -477,199 +577,39 @@ def setup(cfg: TeacherConfig, resume: bool, overrides: dict[str, Any]) -> Setup:
         identity_init(model)
     if model.whitening is not None:
         whiten_init(model.whitening, normalize(train.images[:WHITEN_IMAGES]))
-    model = model.to(device).to(memory_format=torch.channels_last)
+    model = model.to(rt.device).to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg)
     batches = len(train) // cfg.batch_size
-    s = Setup(
-        cfg, rank, world, device, amp, train, val, test, data.fingerprint, model, model, optimizer,
-        None, batches, math.ceil(batches * cfg.epochs), [],
+    s = TeacherRun(
+        cfg, rt, train, val, test, fingerprint, model, model, optimizer, None, batches,
+        math.ceil(batches * cfg.epochs), Path(cfg.out) / "last.pt",
     )  # fmt: skip
     lookahead_state = None
     if state is not None:
-        if state["data_fingerprint"] != data.fingerprint:
-            raise DataError("--resume: the data differs from the data the run started on")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        s.history, s.epoch, s.batch, s.elapsed = (
-            state["history"],
-            state["epoch"],
-            state["batch"],
-            state["elapsed"],
-        )
+        s.history, s.epoch, s.batch = state["history"], state["epoch"], state["batch"]
+        s.elapsed = state["elapsed"]
         lookahead_state = state["lookahead"]
     if cfg.lookahead:
         s.lookahead = Lookahead(model, lookahead_state)
-    s.net = DistributedDataParallel(model) if world > 1 else model
+    s.net = DistributedDataParallel(model) if rt.world > 1 else model
     return s
-
-
-def save_state(s: Setup) -> None:
-    if s.rank == 0:
-        atomic_torch_save(
-            {
-                "format": STATE_FORMAT,
-                "config": dataclasses.asdict(s.cfg),
-                "epoch": s.epoch,
-                "batch": s.batch,
-                "elapsed": s.elapsed,
-                "history": s.history,
-                "model": s.model.state_dict(),
-                "optimizer": s.optimizer.state_dict(),
-                "lookahead": s.lookahead.average if s.lookahead else None,
-                "data_fingerprint": s.fingerprint,
-            },
-            s.last_path,
-        )
-
-
-def train_one_epoch(s: Setup, stop: StopFlag) -> dict[str, float]:
-    """Run epoch s.epoch from batch s.batch; returns this rank's loss sum, correct count and images
-    (and advances s.batch; it stops early, with s.batch < s.batches, when any rank was signalled)."""
-    cfg, device = s.cfg, s.device
-    per_rank = cfg.batch_size // s.world
-    order = epoch_order(len(s.train), cfg.seed, s.epoch).to(s.train.images.device)
-    g = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + s.epoch * 1009 + s.rank)
-    flips = flip_bits(len(s.train), cfg.seed, s.epoch, cfg.alt_flip, g).to(s.train.images.device)
-    s.net.train()
-    loss_sum, correct, seen = 0.0, 0, 0
-    while s.batch < s.batches:
-        step = s.epoch * s.batches + s.batch
-        if step >= s.total_steps or any_rank(stop(), device):
-            break
-        set_lr(s.optimizer, lr_at(step, s.total_steps, cfg), s.epoch, cfg)
-        idx = order[s.batch * cfg.batch_size :][s.rank * per_rank : (s.rank + 1) * per_rank]
-        x = normalize(s.train.images[idx].to(device))
-        x = torch.where(flips[idx].to(device).view(-1, 1, 1, 1), x.flip(3), x)
-        x = cutout(translate(x, cfg.translate, g), cfg.cutout, g).contiguous(
-            memory_format=torch.channels_last
-        )
-        y = s.train.labels[idx].to(device)
-        lam, pair = 1.0, y
-        if cfg.mixup > 0:
-            lam = random.Random(f"{cfg.seed}/{s.epoch}/{s.batch}/{s.rank}").betavariate(cfg.mixup, cfg.mixup)
-            perm = torch.randperm(len(y), generator=g, device=g.device).to(device)
-            x, pair = lam * x + (1 - lam) * x[perm], y[perm]
-        with torch.autocast(device.type, dtype=s.amp or torch.bfloat16, enabled=s.amp is not None):
-            logits = s.net(x).float()
-        loss = lam * F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-        if lam < 1:
-            loss = loss + (1 - lam) * F.cross_entropy(logits, pair, label_smoothing=cfg.label_smoothing)
-        s.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        s.optimizer.step()
-        s.batch += 1
-        if s.lookahead is not None and (step + 1) % LOOKAHEAD_EVERY == 0:
-            s.lookahead.update(step + 1, s.total_steps)
-        loss_sum += loss.item() * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
-        seen += len(y)
-    return {"loss_sum": loss_sum, "correct": correct, "seen": seen}
-
-
-def epoch_done(s: Setup) -> bool:
-    return s.batch >= s.batches or s.epoch * s.batches + s.batch >= s.total_steps
-
-
-def log_epoch(s: Setup, sums: dict[str, float], seconds: float) -> None:
-    loss_sum, correct, seen = all_sum([sums["loss_sum"], sums["correct"], sums["seen"]], s.device)
-    row = {
-        "epoch": s.epoch + 1,
-        "train_loss": loss_sum / max(seen, 1),
-        "train_acc": correct / max(seen, 1),
-        "val_acc": accuracy(s.model, s.val, s.device) if s.rank == 0 else 0.0,
-        "images_per_s": seen / max(seconds, 1e-9),
-        "seconds": seconds,
-    }
-    s.history.append(row)
-    if s.rank == 0:
-        log.info(
-            "epoch %d/%s  loss %.4f  train %.2f%%  val %.2f%%  %.0f img/s  %.0fs",
-            row["epoch"], f"{s.cfg.epochs:g}", row["train_loss"], 100 * row["train_acc"],
-            100 * row["val_acc"], row["images_per_s"], seconds,
-        )  # fmt: skip
-        (Path(s.cfg.out) / "history.json").write_text(json.dumps(s.history, indent=2))
-
-
-def finish(s: Setup) -> dict[str, float]:
-    """Take the lookahead average, measure it, write teacher.pt calibrated on the validation split
-    (rank 0); the metrics."""
-    cfg, model = s.cfg, s.model
-    if s.lookahead is not None:
-        s.lookahead.finish()
-    metrics = {
-        "val_acc": accuracy(model, s.val, s.device),
-        "val_acc_tta": accuracy(model, s.val, s.device, tta=cfg.tta),
-        "train_acc": s.history[-1]["train_acc"] if s.history else 0.0,
-    }
-    if cfg.test:
-        metrics["test_acc"] = accuracy(model, s.test, s.device)
-        metrics["test_acc_tta"] = accuracy(model, s.test, s.device, tta=cfg.tta)
-    save_checkpoint(
-        Path(cfg.out) / "teacher.pt",
-        model,
-        arch=arch_of(cfg),
-        widths=arch_of(cfg)["widths"],
-        val_size=cfg.val_size,
-        seed=cfg.seed,
-        limit=cfg.limit,
-        config=dataclasses.asdict(cfg),
-        metrics=metrics,
-        epoch=len(s.history),
-        complete=True,
-        data_fingerprint=s.fingerprint,
-        data_source=Path(cfg.data).name,
-        code_version=code_version(),
-        device=device_description(s.device, s.world) + (f", {s.amp}" if s.amp else ", float32"),
-        duration_s=round(s.elapsed, 1),
-        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-    )
-    calibrate_file(Path(cfg.out) / "teacher.pt", s.train, s.val, s.device, cfg.seed)
-    log.info(
-        "teacher: val %.2f%% (TTA level %d: %.2f%%)%s; wrote %s",
-        100 * metrics["val_acc"], cfg.tta, 100 * metrics["val_acc_tta"],
-        f", test {100 * metrics['test_acc']:.2f}%" if "test_acc" in metrics else "",
-        Path(cfg.out) / "teacher.pt",
-    )  # fmt: skip
-    return metrics
 
 
 def run(cfg: TeacherConfig, resume: bool = False, overrides: dict | None = None) -> dict:
     s = setup(cfg, resume, overrides or {})
     cfg = s.cfg
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    if cfg.dry_run and s.rank == 0:
-        log.info(DRY_RUN_SAYS, cfg.out)
-    if s.rank == 0:
+    if s.rt.rank == 0:
         log.info(
             "AirbenchNet %s: %d parameters; %d train, %d validation images; %s, %s; %d process(es) x %d "
             "thread(s)%s",
-            arch_of(cfg), sum(p.numel() for p in s.model.parameters()), len(s.train), len(s.val), s.device,
-            s.amp or "float32", s.world, torch.get_num_threads(),
+            arch_of(cfg), sum(p.numel() for p in s.model.parameters()), len(s.train), len(s.val),
+            s.rt.device, s.rt.amp_dtype or "float32", s.rt.world, torch.get_num_threads(),
             f", resuming at epoch {s.epoch + 1} batch {s.batch}" if resume else "",
         )  # fmt: skip
-    stop = StopFlag()
-    stop.install()
-    while s.epoch * s.batches < s.total_steps:
-        started = time.perf_counter()
-        sums = train_one_epoch(s, stop)
-        seconds = time.perf_counter() - started
-        s.elapsed += seconds
-        if not epoch_done(s):  # stopped by a signal
-            save_state(s)
-            if s.rank == 0:
-                log.warning("saved %s at epoch %d, batch %d/%d; continue with --resume",
-                            s.last_path, s.epoch + 1, s.batch, s.batches)  # fmt: skip
-            raise KeyboardInterrupt
-        log_epoch(s, sums, seconds)
-        s.epoch, s.batch = s.epoch + 1, 0
-        save_state(s)
-    result: dict = {"history": s.history}
-    if s.rank == 0:
-        result["metrics"] = finish(s)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    return result
+    return s.run()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -688,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = config_from(given)
         run(cfg, args.resume, given)
-    except DataError as exc:
+    except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -23,22 +23,15 @@ import copy
 import dataclasses
 import json
 import logging
-import os
-import platform
-import random
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypedDict, cast
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -49,28 +42,41 @@ from app.checkpoint import (
     InitRecord,
     TeacherRecord,
     TrainingRecord,
-    atomic_torch_save,
     build_model,
     load_checkpoint,
     save_checkpoint,
 )
-from app.device import autocast_dtype, resolve_device
+from app.device import autocast_dtype
 from app.model import ARCHITECTURES, MODEL_KEYS
 from app.preprocess import normalize
-from app.settings import available_cpus
-from training.augment import augment
+from training.augment import augment, mixed_cross_entropy, mixup
 from training.calibrate import calibrate_file
 from training.config import (
     BN_IMAGES,
-    DRY_RUN_SAYS,
     ConfigError,
     TrainConfig,
     build_parser,
     config_from_args,
     resumed_config,
 )
-from training.data import Cifar10, DataError, Split, limit_index, limit_split, load_cifar10, split_validation
+from training.data import DataError, Split, limit_index
 from training.evaluate import predict, summarize, write_report
+from training.runtime import (
+    Epoch,
+    EpochLoop,
+    Runtime,
+    StopFlag,
+    all_sum,
+    any_rank,
+    augment_generator,
+    code_version,
+    device_description,
+    epoch_order,
+    load_splits,
+    now,
+    start_process,
+)
+from training.teacher import load_teacher
 from training.trust import plot_reliability
 
 __all__ = ["ConfigError", "TrainConfig", "evaluate", "main", "run", "train_one_epoch", "training_loss"]
@@ -83,24 +89,6 @@ PICTURES = ("curves.png", "confusion_matrix.png", "misclassified.png", "reliabil
 
 
 # ---------------------------------------------------------------- typed state
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """Where and how this process computes."""
-
-    device: torch.device
-    rank: int = 0
-    world: int = 1  # DDP processes
-    amp_dtype: torch.dtype | None = None  # bf16 autocast, or None for float32
-    channels_last: bool = False
-
-    @property
-    def amp(self) -> bool:
-        return self.amp_dtype is not None
-
-    def autocast(self) -> AbstractContextManager[Any]:
-        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
 
 
 @dataclass
@@ -203,26 +191,12 @@ def progress_from(state: TrainState) -> Progress:
     )
 
 
-def read_state(last_path: Path, fmt: str) -> dict:
-    """The resumable state saved at `last_path`, refused unless written in format `fmt`."""
-    if not last_path.is_file():
-        raise DataError(f"--resume: {last_path} does not exist; start a run without --resume")
-    state = torch.load(last_path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != fmt:
-        raise DataError(f"--resume: {last_path} is not a {fmt} state written by this module")
-    return state
-
-
 # ---------------------------------------------------------------- setup helpers
 
 
 def weights_name(model_key: str) -> str:
     """final -> final_model.pt, lite -> lite_model.pt."""
     return f"{model_key}_model.pt"
-
-
-def now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def init_weights(model: nn.Module, cfg: TrainConfig, fingerprint: str) -> InitRecord:
@@ -263,8 +237,6 @@ def init_weights(model: nn.Module, cfg: TrainConfig, fingerprint: str) -> InitRe
 def load_teacher_for(cfg: TrainConfig, fingerprint: str) -> tuple[nn.Module, TeacherRecord]:
     """The --teacher network and what the checkpoint records of it; refuses a teacher that saw
     this run's validation images (other data, validation size, seed or limit)."""
-    from training.teacher import load_teacher  # training.teacher imports this module
-
     teacher, meta = load_teacher(cfg.teacher)
     if meta.get("data_fingerprint") != fingerprint:
         raise ConfigError(f"--teacher: {cfg.teacher} was not trained on this data (its fingerprint differs)")
@@ -321,139 +293,12 @@ class TeacherPass:
         return f"{precision}, channels_last, inference mode ({agree})"
 
 
-def make_runtime(cfg: TrainConfig, device: torch.device, rank: int, world: int) -> Runtime:
-    """bf16 autocast where the device gains (or as --amp says); channels_last on CUDA and CPU."""
-    amp_dtype = autocast_dtype(device) if cfg.amp != "off" else None
-    if cfg.amp == "on" and amp_dtype is None:
-        amp_dtype = torch.bfloat16
-    channels_last = cfg.channels_last == "on" or (
-        cfg.channels_last == "auto" and device.type in ("cpu", "cuda")
-    )
-    return Runtime(device, rank, world, amp_dtype, channels_last)
-
-
-def make_splits(data: Cifar10, cfg: TrainConfig, device: torch.device) -> tuple[Split, Split, Split]:
-    """(train, validation, test): --val-size images held out by --seed, --limit applied; on a
-    GPU the training images move there once."""
-    train, val = split_validation(data.train, cfg.val_size, cfg.seed)
-    test = data.test
-    if cfg.limit:
-        train = limit_split(train, cfg.limit, cfg.seed)
-        test = limit_split(test, max(cfg.limit // 5, 1), cfg.seed)
-    if device.type == "cuda":  # the whole training split fits on any GPU: no copy per step
-        train = Split(train.images.to(device), train.labels.to(device))
-        torch.backends.cudnn.benchmark = True
-    return train, val, test
-
-
-def code_version() -> str:
-    """$CIFAR10_CODE_VERSION when set (for a copy of the tree whose .git is missing or stale, such
-    as one sent to a lent GPU machine), else the git commit (-dirty with uncommitted changes),
-    else the installed package version."""
-    if os.environ.get("CIFAR10_CODE_VERSION"):
-        return os.environ["CIFAR10_CODE_VERSION"]
-    try:
-        root = Path(__file__).resolve().parent.parent
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            return version("cifar10-cnn")
-        except PackageNotFoundError:
-            return "unknown"
-
-
-def device_description(device: torch.device, world: int) -> str:
-    """For the checkpoint: e.g. "cuda (NVIDIA H100 80GB HBM3)" or "cpu (x86_64, 2 processes x 1 thread)"."""
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)}, {world} process(es))"
-    return f"{device.type} ({platform.machine()}, {world} process(es) x {torch.get_num_threads()} thread(s))"
-
-
-# ---------------------------------------------------------------- distributed helpers
-
-
-def init_distributed(device_name: str) -> tuple[int, int, int]:
-    """(rank, world_size, local_world_size); a no-op outside torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, 1
-    backend = "nccl" if device_name in ("auto", "cuda") and torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend=backend)
-    return dist.get_rank(), world, int(os.environ.get("LOCAL_WORLD_SIZE", world))
-
-
-def process_device(name: str, threads: int, world: int, local_world: int) -> torch.device:
-    """This process's device (its own GPU under torchrun); on a CPU, `threads` torch threads, or
-    the cores this process may run on (its CPU affinity) divided among the local processes when 0."""
-    device = resolve_device(name)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    if device.type == "cpu":
-        torch.set_num_threads(threads or max(1, available_cpus() // local_world))
-    return device
-
-
-def all_sum(values: list[float], device: torch.device) -> list[float]:
-    if not dist.is_initialized():
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when any rank's flag is set, so all ranks stop at the same step.
-
-    A signal reaches the ranks at slightly different moments; a rank that stopped alone would
-    leave the others blocked in the next step's gradient all-reduce until the launcher kills them.
-    """
-    return all_sum([float(flag)], device)[0] > 0
-
-
-class StopFlag:
-    """Set by SIGINT/SIGTERM; the loop finishes its step, saves last.pt, then exits."""
-
-    def __init__(self) -> None:
-        self.set = False
-
-    def __call__(self) -> bool:
-        return self.set
-
-    def install(self) -> None:
-        def handler(signum, _frame):
-            if self.set:  # a second Ctrl-C: give up at once
-                raise KeyboardInterrupt
-            self.set = True
-            log.warning("signal %s: stopping after this step and saving last.pt", signum)
-
-        signal.signal(signal.SIGINT, handler)
-        signal.signal(signal.SIGTERM, handler)
+def uses_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
+    """--channels-last: auto uses the NHWC memory format on CUDA and CPU."""
+    return cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type in ("cpu", "cuda"))
 
 
 # ---------------------------------------------------------------- one epoch
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The epoch's data order: the same on every rank, and the same after a resume."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
 def training_loss(
@@ -465,10 +310,7 @@ def training_loss(
 ) -> torch.Tensor:
     """Label-smoothed cross-entropy (for mixup, blended over the pair of labels), and with a teacher
     (1 - w) * that + w * T^2 * KL(teacher || student) at temperature T (Hinton et al. 2015)."""
-    ce = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-    if mix is not None:
-        lam, y_pair = mix
-        ce = lam * ce + (1 - lam) * F.cross_entropy(logits, y_pair, label_smoothing=cfg.label_smoothing)
+    ce = mixed_cross_entropy(logits, y, cfg.label_smoothing, mix)
     if teacher_logits is None:
         return ce
     t = cfg.kd_temperature
@@ -479,6 +321,13 @@ def training_loss(
         log_target=True,
     )
     return (1 - cfg.kd_weight) * ce + cfg.kd_weight * kd * t * t
+
+
+def progress_bar(batches: range, desc: str, show: bool) -> Any:
+    """A tqdm bar over an epoch's batches, shown only when `show` (rank 0 in a terminal)."""
+    from tqdm import tqdm
+
+    return tqdm(batches, desc=desc, unit="batch", disable=not show, leave=False, dynamic_ncols=True)
 
 
 def train_one_epoch(
@@ -504,13 +353,11 @@ def train_one_epoch(
     `stop()` is polled between steps; when it turns true the partial sums are returned with
     "batches_done" < "batches" so the caller can save a mid-epoch checkpoint.
     """
-    from tqdm import tqdm
-
     device = rt.device
     per_rank = cfg.batch_size // rt.world
     order = epoch_order(len(train), cfg.seed, epoch).to(train.images.device)
     batches = len(train) // cfg.batch_size  # drop the ragged tail: every step sees a full batch
-    g = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + epoch * 1009 + rt.rank)
+    g = augment_generator(cfg.seed, epoch, rt.rank, device)
     torch.manual_seed(cfg.seed * 7919 + epoch * 31 + rt.rank + start_batch)  # dropout
     # The sums stay on the device: reading them each step would make every step wait for the GPU.
     loss_sum = torch.tensor(sums[0], dtype=torch.float32, device=device)  # MPS has no float64
@@ -519,14 +366,7 @@ def train_one_epoch(
     model.train()
     started, images = time.perf_counter(), 0
     show = rt.rank == 0 and progress and sys.stderr.isatty()
-    bar = tqdm(
-        range(start_batch, batches),
-        desc=f"epoch {epoch + 1}/{cfg.epochs}",
-        unit="batch",
-        disable=not show,
-        leave=False,
-        dynamic_ncols=True,
-    )
+    bar = progress_bar(range(start_batch, batches), f"epoch {epoch + 1}/{cfg.epochs}", show)
     done = start_batch
     for b in bar:
         if any_rank(stop(), device):
@@ -535,11 +375,7 @@ def train_one_epoch(
         x = normalize(train.images[idx].to(device, non_blocking=True))  # (B, 3, 32, 32) float
         y = train.labels[idx].to(device, non_blocking=True)
         x = augment(x, cfg.translate, cfg.cutout, g)
-        mix = None
-        if cfg.mixup > 0:
-            lam = random.Random(f"{cfg.seed}/{epoch}/{b}/{rt.rank}").betavariate(cfg.mixup, cfg.mixup)
-            pair = torch.randperm(len(y), generator=g, device=g.device).to(x.device)
-            x, mix = lam * x + (1 - lam) * x[pair], (lam, y[pair])
+        x, mix = mixup(x, y, cfg.mixup, f"{cfg.seed}/{epoch}/{b}/{rt.rank}", g)
         if rt.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         # the teacher sees exactly the student's augmented (and mixed) batch: "consistent" KD
@@ -629,149 +465,200 @@ def write_weights(
     save_checkpoint(path, model, **record)
 
 
-def finish(
-    cfg: TrainConfig,
-    model: nn.Module,
-    progress: Progress,
-    splits: tuple[Split, Split, Split],
-    rt: Runtime,
-    meta: TrainingRecord,
-) -> dict[str, Any]:
-    """Test the best epoch's weights once (float32, and with flip TTA); write the final
-    checkpoint, calibrated on the validation split (temperature, unsure detector), the curves,
-    the confusion matrix, the misclassified images and the reliability diagram."""
-    from training.plots import plot_curves
-
-    train, val, test = splits
-    out, best = Path(cfg.out), progress.best
-    assert best.state_dict is not None, "no epoch has finished"
-    model.load_state_dict(best.state_dict)
-    logits = predict(model, test.images, rt.device)  # float32: the figure we report
-    t = summarize(logits, test.labels)
-    t_tta = summarize(predict(model, test.images, rt.device, tta=True), test.labels)
-    metrics = {
-        "train_acc": best.train_acc,
-        "val_acc": best.val_acc,
-        "test_acc": t["accuracy"],
-        "test_acc_tta": t_tta["accuracy"],
-        "test_loss": t["loss"],
-        "per_class_accuracy": t["per_class_accuracy"],
-        "best_epoch": best.epoch,
-        "test_images": t["count"],
-    }
-    weights_file = weights_name(cfg.model)
-    write_weights(out / weights_file, cfg, best, metrics, len(progress.history), progress, meta)
-    temperature = calibrate_file(out / weights_file, train, val, rt.device, cfg.seed)["calibration"][
-        "temperature"
-    ]
-    plot_curves(progress.history, out / "curves.png")
-    write_report(test, logits, out)
-    plot_reliability(test.labels, torch.softmax(logits, 1), torch.softmax(logits / temperature, 1),
-                     out / "reliability.png")  # fmt: skip
-    log.info(
-        "best epoch %d: train %.2f%%  val %.2f%%  test %.2f%%  test+flipTTA %.2f%%  (%d test images)",
-        best.epoch,
-        100 * best.train_acc,
-        100 * best.val_acc,
-        100 * t["accuracy"],
-        100 * t_tta["accuracy"],
-        t["count"],
-    )
-    written = (weights_file, "last.pt", "history.json", *PICTURES)
-    log.info("wrote %s", ", ".join(str(out / n) for n in written))
-    return {"history": progress.history, "metrics": metrics}
-
-
 # ---------------------------------------------------------------- the run
-# Top to bottom: set up (config, device, data, model, optimizer), loop over the epochs calling
-# train_one_epoch() and evaluate(), which return dicts of metrics, then test the best epoch's
-# weights once and write the files. The recipe and its flags are in training/config.py.
+# Top to bottom: setup() (config, device, data, model, optimizer, teacher, weight average, the
+# starting weights), then the loop of training.runtime.EpochLoop around train_one_epoch() and
+# evaluate(), which return dicts of metrics, then finish() tests the best epoch's weights once and
+# writes the files. The recipe and its flags are in training/config.py.
 
 
-def run(cfg: TrainConfig, resume: bool = False, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train; with `resume`, continue <out>/last.pt under its saved configuration, changed only
-    by `overrides` (RESUME_OVERRIDES: a run started on a GPU can finish on a CPU, say)."""
-    # -- setup: configuration, device, data
-    rank, world, local_world = init_distributed(cfg.device)
-    out = Path(cfg.out)
-    last_path = out / "last.pt"
-    state: TrainState | None = None
-    if resume:
-        if not last_path.is_file():
-            raise ConfigError(f"--resume: {last_path} does not exist; start a run without --resume")
-        state = cast(TrainState, read_state(last_path, RESUME_FORMAT))
-        cfg = resumed_config(state["config"], cfg.out, overrides or {})
+@dataclass
+class StudentRun(EpochLoop):
+    """A run of FinalModel (LiteModel): its methods hand the module's train_one_epoch() and
+    evaluate() what they need and keep the progress that last.pt saves."""
 
-    device = process_device(cfg.device, cfg.threads, world, local_world)
-    if cfg.batch_size % world:
-        raise ConfigError(f"batch size {cfg.batch_size} must divide evenly across {world} processes")
-    rt = make_runtime(cfg, device, rank, world)
-    if cfg.dry_run and rank == 0:
-        log.info(DRY_RUN_SAYS, out)
+    cfg: TrainConfig
+    rt: Runtime
+    train: Split
+    val: Split
+    test: Split
+    model: nn.Module  # never wrapped: what is validated and saved
+    net: nn.Module  # the model, or its DDP wrapper: what trains
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: AveragedModel | None
+    teacher: TeacherPass | None
+    meta: TrainingRecord  # what final_model.pt records besides its weights, metrics and epoch
+    progress: Progress
+    last_path: Path
+    mark: float = field(default_factory=time.perf_counter)  # the last epoch row's wall clock
 
-    data = load_cifar10(cfg.data, cfg.cache_dir)
-    if state is not None and data.fingerprint != state["data_fingerprint"]:
-        raise DataError("--resume: the data differs from the data the run started on")
-    train, val, test = make_splits(data, cfg, device)
-    if len(train) < cfg.batch_size:
-        raise ConfigError(f"{len(train)} training images are fewer than one batch of {cfg.batch_size}")
-    if rank == 0:
+    def epochs_left(self) -> bool:
+        return self.progress.epoch < self.cfg.epochs
+
+    def train_one_epoch(self, stop: StopFlag) -> Epoch:
+        p = self.progress
+        r = train_one_epoch(
+            self.net, self.optimizer, self.scheduler, self.train, self.cfg, p.epoch, self.rt,
+            teacher=self.teacher, ema=self.ema, start_batch=p.batch, sums=p.sums, stop=stop,
+        )  # fmt: skip
+        p.elapsed += r["seconds"]
+        done = Epoch(
+            p.epoch, int(r["batches_done"]), int(r["batches"]), r["batches_done"] < r["batches"],
+            r["seconds"], r["loss_sum"], r["correct"], r["seen"], r["images"],
+        )  # fmt: skip
+        if done.stopped:  # keep this epoch's sums for --resume
+            p.batch, p.sums = done.batch, (done.loss_sum, done.correct, done.seen)
+        return done
+
+    def evaluate(self, done: Epoch) -> None:
+        """Validate (with --ema the average and the raw weights both: the better one is kept), add
+        the epoch's row to the history and keep the weights if they are the best so far."""
+        rt, model, progress = self.rt, self.model, self.progress
+        loss_sum, correct, seen = all_sum([done.loss_sum, done.correct, done.seen], rt.device)
+        average = averaged_model(self.ema, self.train, rt, self.cfg.seed) if self.ema is not None else None
+        v = evaluate(average if average is not None else model, self.val, rt)
+        row = {
+            "epoch": done.epoch + 1,
+            "train_loss": loss_sum / seen,
+            "train_acc": correct / seen,
+            "val_loss": v["loss"],
+            "val_acc": v["acc"],
+            "lr": float(self.scheduler.get_last_lr()[0]),
+            "images_per_s": done.images / done.seconds,
+            "seconds": done.seconds,
+            # since the last epoch's row: training, validation and the checkpoint writes
+            "wall_s": time.perf_counter() - self.mark,
+        }
+        candidates = [(v["acc"], model, "raw")]
+        if average is not None:
+            row["val_acc_raw"] = evaluate(model, self.val, rt)["acc"]
+            candidates = [(v["acc"], average, "average"), (row["val_acc_raw"], model, "raw")]
+        self.mark = time.perf_counter()
+        progress.history.append(row)
+        progress.epoch, progress.batch, progress.sums = done.epoch + 1, 0, (0.0, 0.0, 0.0)
+        acc, chosen, kind = max(candidates, key=lambda c: c[0])  # a tie keeps the average
+        if acc > progress.best.val_acc:
+            weights = {k: t.detach().cpu().clone() for k, t in chosen.state_dict().items()}
+            progress.best = Best(acc, done.epoch + 1, row["train_acc"], weights, kind)
+
+    def state(self) -> TrainState:
+        return train_state(
+            self.cfg, self.progress, self.model, self.optimizer, self.scheduler, self.ema,
+            self.meta["data_fingerprint"], self.meta.get("init"), self.meta.get("teacher"),
+        )  # fmt: skip
+
+    def report(self) -> None:
+        cfg, progress, out = self.cfg, self.progress, Path(self.cfg.out)
+        row = progress.history[-1]
         log.info(
-            "data %s: %d train, %d validation, %d test images; fingerprint %s",
-            cfg.data,
-            len(train),
-            len(val),
-            len(test),
-            data.fingerprint[:16],
-        )
-        log.info(
-            "device %s, %d process(es), %d thread(s) each, autocast %s, channels_last %s",
-            device,
-            world,
-            torch.get_num_threads(),
-            rt.amp_dtype,
-            rt.channels_last,
-        )
+            "epoch %d/%d  loss %.4f  train %.2f%%  val %.2f%%%s  lr %.4f  %.0f img/s  %.0fs",
+            row["epoch"], cfg.epochs, row["train_loss"], 100 * row["train_acc"], 100 * row["val_acc"],
+            f" (average; raw {100 * row['val_acc_raw']:.2f}%)" if self.ema is not None else "",
+            row["lr"], row["images_per_s"], row["seconds"],
+        )  # fmt: skip
+        (out / "history.json").write_text(json.dumps(progress.history, indent=2))
+        best = progress.best
+        if best.epoch == row["epoch"]:
+            metrics = {"train_acc": best.train_acc, "val_acc": best.val_acc}
+            weights_file = out / weights_name(cfg.model)
+            write_weights(weights_file, cfg, best, metrics, best.epoch, progress, self.meta)
 
-    # -- setup: model, optimizer, schedule; the teacher, the weight average, the starting weights
+    def finish(self) -> dict[str, Any]:
+        """Rank 0: test the best epoch's weights once (float32, and with flip TTA); write the final
+        checkpoint, calibrated on the validation split (temperature, unsure detector), the curves,
+        the confusion matrix, the misclassified images and the reliability diagram. The history
+        (and on rank 0 the metrics)."""
+        from training.plots import plot_curves
+
+        cfg, model, progress, device = self.cfg, self.model, self.progress, self.rt.device
+        if self.rt.rank != 0 or not progress.history:
+            return {"history": progress.history}
+        out, best, test = Path(cfg.out), progress.best, self.test
+        assert best.state_dict is not None, "no epoch has finished"
+        model.load_state_dict(best.state_dict)
+        logits = predict(model, test.images, device)  # float32: the figure we report
+        t = summarize(logits, test.labels)
+        t_tta = summarize(predict(model, test.images, device, tta=True), test.labels)
+        metrics = {
+            "train_acc": best.train_acc,
+            "val_acc": best.val_acc,
+            "test_acc": t["accuracy"],
+            "test_acc_tta": t_tta["accuracy"],
+            "test_loss": t["loss"],
+            "per_class_accuracy": t["per_class_accuracy"],
+            "best_epoch": best.epoch,
+            "test_images": t["count"],
+        }
+        weights_file = out / weights_name(cfg.model)
+        write_weights(weights_file, cfg, best, metrics, len(progress.history), progress, self.meta)
+        calibration = calibrate_file(weights_file, self.train, self.val, device, cfg.seed)["calibration"]
+        plot_curves(progress.history, out / "curves.png")
+        write_report(test, logits, out)
+        calibrated = torch.softmax(logits / calibration["temperature"], 1)
+        plot_reliability(test.labels, torch.softmax(logits, 1), calibrated, out / "reliability.png")
+        log.info(
+            "best epoch %d: train %.2f%%  val %.2f%%  test %.2f%%  test+flipTTA %.2f%%  (%d test images)",
+            best.epoch, 100 * best.train_acc, 100 * best.val_acc, 100 * t["accuracy"],
+            100 * t_tta["accuracy"], t["count"],
+        )  # fmt: skip
+        written = (weights_file.name, "last.pt", "history.json", *PICTURES)
+        log.info("wrote %s", ", ".join(str(out / n) for n in written))
+        return {"history": progress.history, "metrics": metrics}
+
+
+def distillation(
+    cfg: TrainConfig, rt: Runtime, fingerprint: str, state: TrainState | None, val: Split
+) -> tuple[TeacherPass | None, TeacherRecord | None]:
+    """With --teacher: its forward pass and what the checkpoint records of it (on --resume, the
+    teacher the run started with)."""
+    if not cfg.teacher:
+        return None, None
+    teacher, info = load_teacher_for(cfg, fingerprint)
+    if state is not None and state.get("teacher", {}).get("sha256") != info["sha256"]:
+        raise ConfigError(
+            f"--resume: {cfg.teacher} is not the teacher the run started with (its sha256 differs)"
+        )
+    teacher_pass = TeacherPass(teacher.to(rt.device), rt, val.images[:TEACHER_CHECK])
+    if rt.rank == 0:
+        log.info(
+            "distilling from %s (sha256 %s, validation %.2f%%), weight %.2f, temperature %.1f; "
+            "teacher pass: %s",
+            cfg.teacher, info["sha256"][:12], 100 * info["val_acc"], cfg.kd_weight, cfg.kd_temperature,
+            teacher_pass.describe(),
+        )  # fmt: skip
+    return teacher_pass, info
+
+
+def setup(cfg: TrainConfig, resume: bool, overrides: dict[str, Any]) -> StudentRun:
+    """The run: device, data, model, optimizer, schedule; the teacher, the weight average, the
+    starting weights (last.pt's with `resume`, --init's, or fresh)."""
+    out = cfg.out
+    cfg, rt, saved = start_process(
+        cfg, resume, RESUME_FORMAT, lambda saved: resumed_config(saved, out, overrides), uses_channels_last
+    )
+    state = cast(TrainState | None, saved)
+    train, val, test, fingerprint = load_splits(cfg, rt.device, state)
+    if rt.rank == 0:
+        log.info("data %s: %d train, %d validation, %d test images; fingerprint %s",
+                 cfg.data, len(train), len(val), len(test), fingerprint[:16])  # fmt: skip
+        log.info("device %s, %d process(es), %d thread(s) each, autocast %s, channels_last %s",
+                 rt.device, rt.world, torch.get_num_threads(), rt.amp_dtype, rt.channels_last)  # fmt: skip
     torch.manual_seed(cfg.seed)
-    model = ARCHITECTURES[MODEL_KEYS[cfg.model]](dropout=cfg.dropout).to(device)
+    model = ARCHITECTURES[MODEL_KEYS[cfg.model]](dropout=cfg.dropout).to(rt.device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer,
-        max_lr=cfg.lr,
-        epochs=cfg.epochs,
-        steps_per_epoch=len(train) // cfg.batch_size,
+        optimizer, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=len(train) // cfg.batch_size,
         pct_start=cfg.pct_start,
-    )
-    teacher, teacher_info, teacher_pass = None, None, None
-    if cfg.teacher:
-        teacher, teacher_info = load_teacher_for(cfg, data.fingerprint)
-        if state is not None and state.get("teacher", {}).get("sha256") != teacher_info["sha256"]:
-            raise ConfigError(
-                f"--resume: {cfg.teacher} is not the teacher the run started with (its sha256 differs)"
-            )
-        teacher_pass = TeacherPass(teacher.to(device), rt, val.images[:TEACHER_CHECK])
-        if rank == 0:
-            log.info(
-                "distilling from %s (sha256 %s, validation %.2f%%), weight %.2f, temperature %.1f; "
-                "teacher pass: %s",
-                cfg.teacher,
-                teacher_info["sha256"][:12],
-                100 * teacher_info["val_acc"],
-                cfg.kd_weight,
-                cfg.kd_temperature,
-                teacher_pass.describe(),
-            )
-    ema = (
-        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
-        if cfg.ema
-        else None
-    )
+    )  # fmt: skip
+    teacher_pass, teacher_info = distillation(cfg, rt, fingerprint, state, val)
+    ema = None
+    if cfg.ema:
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
     init_info: InitRecord | None = None
     progress = Progress()
     if state is not None:
@@ -781,128 +668,36 @@ def run(cfg: TrainConfig, resume: bool = False, overrides: dict[str, Any] | None
         if ema is not None:
             ema.load_state_dict(state["ema"])
         progress, init_info = progress_from(state), state.get("init")
-        if rank == 0:
+        if rt.rank == 0:
             log.info("resuming at epoch %d, batch %d", progress.epoch + 1, progress.batch)
     elif cfg.init:
-        init_info = init_weights(model, cfg, data.fingerprint)
-        if rank == 0:
-            log.info(
-                "starting from %s (sha256 %s, %d epochs before this run)",
-                cfg.init,
-                init_info["sha256"][:12],
-                init_info["epochs"],
-            )
-    net = DistributedDataParallel(model) if world > 1 else model
-
-    # what final_model.pt records besides its weights, metrics and epoch
+        init_info = init_weights(model, cfg, fingerprint)
+        if rt.rank == 0:
+            log.info("starting from %s (sha256 %s, %d epochs before this run)",
+                     cfg.init, init_info["sha256"][:12], init_info["epochs"])  # fmt: skip
     meta: TrainingRecord = {
         "config": dataclasses.asdict(cfg),
-        "data_fingerprint": data.fingerprint,
+        "data_fingerprint": fingerprint,
         "data_source": Path(cfg.data).name,
         "code_version": code_version(),
-        "device": device_description(device, world),
+        "device": device_description(rt.device, rt.world),
         "total_epochs": cfg.epochs + (init_info["epochs"] if init_info else 0),
     }
     if init_info:
         meta["init"] = init_info
     if teacher_info:
         meta["teacher"] = teacher_info
+    net = DistributedDataParallel(model) if rt.world > 1 else model
+    return StudentRun(
+        cfg, rt, train, val, test, model, net, optimizer, scheduler, ema, teacher_pass, meta, progress,
+        Path(cfg.out) / "last.pt",
+    )  # fmt: skip
 
-    # -- the loop: train an epoch, validate, keep the best, save
-    stop = StopFlag()
-    stop.install()
-    mark = time.perf_counter()
-    for epoch in range(progress.epoch, cfg.epochs):
-        r = train_one_epoch(
-            net,
-            optimizer,
-            scheduler,
-            train,
-            cfg,
-            epoch,
-            rt,
-            teacher=teacher_pass,
-            ema=ema,
-            start_batch=progress.batch,
-            sums=progress.sums,
-            stop=stop,
-        )
-        progress.elapsed += r["seconds"]
-        interrupted = r["batches_done"] < r["batches"]
-        if interrupted:  # mid-epoch: keep this epoch's sums, and validate nothing
-            progress.batch, progress.sums = int(r["batches_done"]), (r["loss_sum"], r["correct"], r["seen"])
-        else:
-            loss_sum, correct, seen = all_sum([r["loss_sum"], r["correct"], r["seen"]], device)
-            # with --ema the average and the raw weights are both validated; the better one is kept
-            average = averaged_model(ema, train, rt, cfg.seed) if ema is not None else None
-            v = evaluate(average if average is not None else model, val, rt)
-            row = {
-                "epoch": epoch + 1,
-                "train_loss": loss_sum / seen,
-                "train_acc": correct / seen,
-                "val_loss": v["loss"],
-                "val_acc": v["acc"],
-                "lr": float(scheduler.get_last_lr()[0]),
-                "images_per_s": r["images"] / r["seconds"],
-                "seconds": r["seconds"],
-                # since the last epoch's row: training, validation and the checkpoint writes
-                "wall_s": time.perf_counter() - mark,
-            }
-            raw = model.module if isinstance(model, DistributedDataParallel) else model
-            if average is None:
-                candidates = [(v["acc"], raw, "raw")]
-            else:
-                row["val_acc_raw"] = evaluate(model, val, rt)["acc"]
-                candidates = [(v["acc"], average, "average"), (row["val_acc_raw"], raw, "raw")]
-            mark = time.perf_counter()
-            progress.history.append(row)
-            progress.epoch, progress.batch, progress.sums = epoch + 1, 0, (0.0, 0.0, 0.0)
-            acc, chosen, kind = max(candidates, key=lambda c: c[0])  # a tie keeps the average
-            if acc > progress.best.val_acc:
-                weights = {k: t.detach().cpu().clone() for k, t in chosen.state_dict().items()}
-                progress.best = Best(acc, epoch + 1, row["train_acc"], weights, kind)
-        if rank == 0:
-            saved = train_state(
-                cfg, progress, model, optimizer, scheduler, ema, data.fingerprint, init_info, teacher_info
-            )
-            atomic_torch_save(saved, last_path)
-        if interrupted:
-            if rank == 0:
-                log.warning(
-                    "saved %s at epoch %d, batch %d/%d; continue with --resume",
-                    last_path,
-                    epoch + 1,
-                    r["batches_done"],
-                    r["batches"],
-                )
-            raise KeyboardInterrupt
-        if rank == 0:
-            log.info(
-                "epoch %d/%d  loss %.4f  train %.2f%%  val %.2f%%%s  lr %.4f  %.0f img/s  %.0fs",
-                epoch + 1,
-                cfg.epochs,
-                row["train_loss"],
-                100 * row["train_acc"],
-                100 * row["val_acc"],
-                f" (average; raw {100 * row['val_acc_raw']:.2f}%)" if ema is not None else "",
-                row["lr"],
-                row["images_per_s"],
-                row["seconds"],
-            )
-            (out / "history.json").write_text(json.dumps(progress.history, indent=2))
-            best = progress.best
-            if best.epoch == epoch + 1:
-                metrics = {"train_acc": best.train_acc, "val_acc": best.val_acc}
-                write_weights(out / weights_name(cfg.model), cfg, best, metrics, epoch + 1, progress, meta)
 
-    # -- report: the best epoch on the test split, the pictures
-    result: dict[str, Any] = {"history": progress.history}
-    if rank == 0 and progress.history:
-        result = finish(cfg, model, progress, (train, val, test), rt, meta)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    return result
+def run(cfg: TrainConfig, resume: bool = False, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train; with `resume`, continue <out>/last.pt under its saved configuration, changed only
+    by `overrides` (RESUME_OVERRIDES: a run started on a GPU can finish on a CPU, say)."""
+    return setup(cfg, resume, overrides or {}).run()
 
 
 def main(argv: list[str] | None = None) -> int:

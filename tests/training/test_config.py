@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-import training.train
+import training.runtime
 from app.model import FinalModel
 from training.config import (
     DRY_RUN,
@@ -77,13 +77,13 @@ def test_threads_come_from_the_cpu_affinity(monkeypatch):
     """0 threads: the cores this process may run on (as the service counts them), shared among
     the local DDP processes."""
     threads = torch.get_num_threads()
-    monkeypatch.setattr(training.train, "available_cpus", lambda: 6)
+    monkeypatch.setattr(training.runtime, "available_cpus", lambda: 6)
     try:
-        training.train.process_device("cpu", 0, world=2, local_world=2)
+        training.runtime.process_device("cpu", 0, world=2, local_world=2)
         assert torch.get_num_threads() == 3
-        training.train.process_device("cpu", 0, world=1, local_world=1)
+        training.runtime.process_device("cpu", 0, world=1, local_world=1)
         assert torch.get_num_threads() == 6
-        training.train.process_device("cpu", 2, world=1, local_world=1)
+        training.runtime.process_device("cpu", 2, world=1, local_world=1)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)

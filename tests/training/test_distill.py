@@ -18,9 +18,10 @@ from app.checkpoint import load_checkpoint
 from app.model import CLASSES, AirbenchNet, FinalModel
 from app.preprocess import normalize
 from training.data import Split
+from training.runtime import Runtime
 from training.teacher import load_teacher
 from training.teacher import main as teacher_main
-from training.train import Runtime, TrainConfig, averaged_model, training_loss
+from training.train import TrainConfig, averaged_model, training_loss
 
 from .conftest import REPO, SUBPROCESS_TIMEOUT
 

@@ -317,7 +317,7 @@ def test_init_refuses_a_parent_with_another_validation_split(tiny_data, tmp_path
 
 def test_code_version_prefers_the_given_one(monkeypatch):
     """A tree copied to another machine may carry a stale .git: the version given wins."""
-    from training.train import code_version
+    from training.runtime import code_version
 
     monkeypatch.setenv("CIFAR10_CODE_VERSION", "abc1234")
     assert code_version() == "abc1234"
