@@ -182,7 +182,7 @@ SMOKE = {"steps": 1, "batch_size": 8}
 SMOKE_IMAGES = 256  # random images when --data is not given (4096 * 4 otherwise)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="CIFAR-10 source as in training (default: random images)")
     p.add_argument(
@@ -227,39 +227,25 @@ def main(argv: list[str] | None = None) -> None:
         + f" (over any given), {SMOKE_IMAGES} random images without --data, 1 thread, "
         "two of the rows; its figures mean nothing",
     )
-    args = p.parse_args(argv)
-    if args.smoke:
-        vars(args).update(SMOKE)
-        print("smoke run: a check that the script works; its figures mean nothing")
+    return p
 
+
+def training_images(args: argparse.Namespace) -> Split:
+    """The training split of --data, or random images (SMOKE_IMAGES of them with --smoke)."""
     if args.data:
-        data = load_cifar10(args.data, args.cache_dir).train
-    else:
-        g = torch.Generator().manual_seed(0)
-        n = SMOKE_IMAGES if args.smoke else 4096 * 4
-        data = Split(
-            torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
-            torch.randint(0, 10, (n,), generator=g),
-        )
-    # --smoke: 1 thread, as on a busy machine several spinning threads per process can stall it
-    cores = 1 if args.smoke else os.cpu_count() or 1
-    bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    # --smoke without native bf16: fp32 rows, as emulated bf16 takes minutes a step on a busy CPU
-    args.amp = bf16 or not args.smoke  # the bf16 rows and the DDP row use autocast
-    print(
-        f"torch {torch.__version__}, {cores} cores, bf16 support: {bf16}, {args.steps} timed steps per row\n"
+        return load_cifar10(args.data, args.cache_dir).train
+    g = torch.Generator().manual_seed(0)
+    n = SMOKE_IMAGES if args.smoke else 4096 * 4
+    return Split(
+        torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+        torch.randint(0, 10, (n,), generator=g),
     )
 
-    b, d = args.batch_size, args.dropout
-    if args.compile:
-        compare_compile(data, b, d, args.steps, cores)
-        return
-    if args.distill:  # the CPU's defaults: bf16 only where the CPU has it natively
-        compare_distill(data, b, d, args.steps, bf16, args)
-        return
 
+def compare_rows(data: Split, args: argparse.Namespace, cores: int) -> None:
+    """The headline rows (bare and full step for each setting), then DDP against one process."""
     rows = []
-    amp = args.amp
+    b, d, amp = args.batch_size, args.dropout, args.amp
     configs = [
         (cores, b, False, False, d),  # plain PyTorch
         (cores, b, False, True, d),
@@ -272,12 +258,12 @@ def main(argv: list[str] | None = None) -> None:
     ]
     if args.smoke:
         configs = [configs[0], configs[3]]  # plain and the CPU default: every code path, 2 rows
-    for threads, batch, amp, cl, drop in configs:
+    for threads, batch, row_amp, cl, drop in configs:
         torch.set_num_threads(threads)
-        bare = bare_rate(data, batch, args.steps, amp, cl, drop)
-        full = full_rate(data, batch, args.steps, amp, cl, drop)
+        bare = bare_rate(data, batch, args.steps, row_amp, cl, drop)
+        full = full_rate(data, batch, args.steps, row_amp, cl, drop)
         label = (
-            f"1 proc x {threads} thr, batch {batch}, {'bf16' if amp else 'fp32'}, "
+            f"1 proc x {threads} thr, batch {batch}, {'bf16' if row_amp else 'fp32'}, "
             f"{'channels_last' if cl else 'NCHW'}, dropout {drop}"
         )
         rows.append((label, bare, full))
@@ -294,6 +280,28 @@ def main(argv: list[str] | None = None) -> None:
     print(f"1 proc x {cores} threads, full step:           {one:7.1f} img/s")
     print(f"DDP 2x1 / 1x{cores}: {two / one:.2f}")
     print(f"DDP 2x1 {'bf16' if amp else 'fp32'}+channels_last / plain fp32 NCHW 1x{cores}: {two / plain:.2f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.smoke:
+        vars(args).update(SMOKE)
+        print("smoke run: a check that the script works; its figures mean nothing")
+    data = training_images(args)
+    # --smoke: 1 thread, as on a busy machine several spinning threads per process can stall it
+    cores = 1 if args.smoke else os.cpu_count() or 1
+    bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    # --smoke without native bf16: fp32 rows, as emulated bf16 takes minutes a step on a busy CPU
+    args.amp = bf16 or not args.smoke  # the bf16 rows and the DDP row use autocast
+    print(
+        f"torch {torch.__version__}, {cores} cores, bf16 support: {bf16}, {args.steps} timed steps per row\n"
+    )
+    if args.compile:
+        compare_compile(data, args.batch_size, args.dropout, args.steps, cores)
+    elif args.distill:  # the CPU's defaults: bf16 only where the CPU has it natively
+        compare_distill(data, args.batch_size, args.dropout, args.steps, bf16, args)
+    else:
+        compare_rows(data, args, cores)
 
 
 if __name__ == "__main__":

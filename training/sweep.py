@@ -141,11 +141,7 @@ def summarize(out: Path, names: list[str]) -> list[dict]:
     return sorted(rows, key=lambda r: -(r.get("val_acc") or 0.0))
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    argv = sys.argv[1:] if argv is None else argv
-    split = argv.index("--") if "--" in argv else len(argv)
-    own, common = argv[:split], argv[split + 1 :]  # the sweep's flags -- every run's flags
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training.sweep",
         description=__doc__,
@@ -168,6 +164,15 @@ def main(argv: list[str] | None = None) -> int:
         default=45.0,
         help="seconds kept back for start-up, the test evaluation and the pictures",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    split = argv.index("--") if "--" in argv else len(argv)
+    own, common = argv[:split], argv[split + 1 :]  # the sweep's flags -- every run's flags
+    parser = build_parser()
     args = parser.parse_args(own)
     started = time.time()
     deadline = started + args.budget
