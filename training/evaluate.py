@@ -23,7 +23,7 @@ from typing import cast
 import torch
 
 from app.calibration import Calibration
-from app.checkpoint import CheckpointError, build_model, load_checkpoint
+from app.checkpoint import Checkpoint, CheckpointError, build_model, load_checkpoint
 from app.device import DEVICE_CHOICES, autocast_dtype, resolve_device
 from app.model import CLASSES, MODEL_KEYS, StagedNet
 from app.predictor import (
@@ -37,7 +37,7 @@ from app.predictor import (
     build_predictor,
     forward_all,
 )
-from training.data import DataError, Split, limit_index, load_cifar10, test_split_files
+from training.data import Cifar10, DataError, Split, limit_index, load_cifar10, test_split_files
 from training.served import ServiceError, local_service, served_labels
 from training.trust import calibration_report, deletion_check, plot_reliability
 
@@ -150,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", default=None, help="folder for evaluation.json and the pictures (default: none written)"
     )
+    add_checks(p)
+    return p
+
+
+def add_checks(p: argparse.ArgumentParser) -> None:
+    """The flags that make the evaluation a check: each can end it with exit code 1."""
     p.add_argument(
         "--min-accuracy",
         type=float,
@@ -194,7 +200,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="with --check-service: exit 1 when more images than this get another label served",
     )
-    return p
 
 
 def report_trust(
@@ -237,6 +242,31 @@ def trust_failure(args, report: dict) -> str | None:
     return None
 
 
+def check_failure(args, result: dict, recorded: float | None) -> str | None:
+    """Why the first of the checks that fails does (--max-ece, --explain-check, --max-disagree,
+    --max-drop, --min-accuracy), or None."""
+    failure = trust_failure(args, result["calibration"])
+    if failure is not None:
+        return failure
+    service, acc = result.get("service"), result["test"]["accuracy"]
+    if service is not None and service["disagree"] > args.max_disagree:
+        return (
+            f"{service['disagree']} served labels differ from this evaluation "
+            f"(at most {args.max_disagree} allowed)"
+        )
+    if args.max_drop is not None:
+        if recorded is None:
+            return "--max-drop needs a checkpoint with a recorded test_acc"
+        if 100 * (recorded - acc) > args.max_drop:
+            return (
+                f"accuracy {100 * acc:.2f}% is more than {args.max_drop} points below the recorded "
+                f"{100 * recorded:.2f}%"
+            )
+    if args.min_accuracy is not None and acc < args.min_accuracy:
+        return f"accuracy {100 * acc:.2f}% is below the required {100 * args.min_accuracy:.2f}%"
+    return None
+
+
 def check_service(
     args, device: torch.device, files: list, logits: torch.Tensor, labels: torch.Tensor, model_key: str
 ) -> dict:
@@ -272,43 +302,31 @@ def check_service(
     return {"images": len(files), "disagree": len(differ), "served_accuracy": served_acc}
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    args = build_parser().parse_args(argv)
+def load(args) -> tuple[Checkpoint, StagedNet, Cifar10, list | None]:
+    """(the checkpoint, its model, the data, and with --check-service the test image files)."""
+    ckpt = load_checkpoint(args.weights)
+    model = build_model(ckpt)
     files = None
-    try:
-        ckpt = load_checkpoint(args.weights)
-        model = build_model(ckpt)
-        if args.check_service or args.service_url:
-            try:
-                files = test_split_files(args.data, args.cache_dir)
-            except DataError as exc:
-                raise DataError(f"--check-service: {exc}") from None
-        data = load_cifar10(args.data, args.cache_dir)
-    except (CheckpointError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    device = resolve_device(args.device)
-    model.to(device)
-    if args.amp and autocast_dtype(device) is not None:
-        args.precision = "bf16"
-    reference = (args.backend, args.precision, args.layout) == ("pytorch", "fp32", "nchw")
-    try:
-        predictor = build_predictor(
-            model, device, args.backend, args.precision, args.layout, threads=torch.get_num_threads()
-        )
-    except PredictorError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    index = limit_index(len(data.test), args.limit or len(data.test), seed=0)
-    test = data.test.subset(index)
-    if files is not None:
-        if [label for _, label in files] != data.test.labels.tolist():
-            print(
-                "error: --check-service: the test files do not match the decoded test split", file=sys.stderr
-            )
-            return 2
-        files = [files[i] for i in index.tolist()]
+    if args.check_service or args.service_url:
+        try:
+            files = test_split_files(args.data, args.cache_dir)
+        except DataError as exc:
+            raise DataError(f"--check-service: {exc}") from None
+    return ckpt, model, load_cifar10(args.data, args.cache_dir), files
+
+
+def measure(
+    args,
+    predictor: Predictor,
+    model: StagedNet,
+    ckpt: Checkpoint,
+    data: Cifar10,
+    test: Split,
+    device: torch.device,
+) -> tuple[dict, Forward, Calibration]:
+    """Accuracy on `test` (with --tta, flip TTA too) through `predictor`, with the unsure
+    statistics in the same pass; a predictor other than PyTorch fp32 NCHW is compared with it.
+    Prints the figures; (the result so far, the forward pass, the calibration)."""
     started = time.perf_counter()
     calibration = Calibration.from_meta(ckpt.meta)
     # one pass for the logits and, when there is a detector, the statistics of its unsure flag
@@ -339,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         f"test accuracy: {100 * acc:.2f}% on {len(test):,} images ({args.data}), "
         f"{seconds:.1f}s on {info.describe()}"
     )
-    if not reference:
+    if (args.backend, args.precision, args.layout) != ("pytorch", "fp32", "nchw"):
         fp32 = predict(model, test.images, device, args.batch_size)  # PyTorch fp32 NCHW
         differ = int((fp32.argmax(1) != logits.argmax(1)).sum())
         fp32_acc = summarize(fp32, test.labels)["accuracy"]
@@ -351,16 +369,48 @@ def main(argv: list[str] | None = None) -> int:
     if args.tta:
         print(f"test accuracy with flip TTA: {100 * result['test_tta']['accuracy']:.2f}%")
     print(format_per_class(result["test"]))
+    return result, out, calibration
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        ckpt, model, data, files = load(args)
+    except (CheckpointError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    device = resolve_device(args.device)
+    model.to(device)
+    if args.amp and autocast_dtype(device) is not None:
+        args.precision = "bf16"
+    try:
+        predictor = build_predictor(
+            model, device, args.backend, args.precision, args.layout, threads=torch.get_num_threads()
+        )
+    except PredictorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    index = limit_index(len(data.test), args.limit or len(data.test), seed=0)
+    test = data.test.subset(index)
+    if files is not None:
+        if [label for _, label in files] != data.test.labels.tolist():
+            print(
+                "error: --check-service: the test files do not match the decoded test split", file=sys.stderr
+            )
+            return 2
+        files = [files[i] for i in index.tolist()]
+    result, out, calibration = measure(args, predictor, model, ckpt, data, test, device)
     recorded = ckpt.meta.get("metrics", {}).get("test_acc")
     if recorded is not None:
         print(f"recorded in the checkpoint: {100 * recorded:.2f}%")
     result["calibration"] = report_trust(args, predictor, model, calibration, test, out)
     if args.out:
-        write_report(test, logits, Path(args.out))
+        write_report(test, out.logits, Path(args.out))
     if files is not None:
         try:
             model_key = next(key for key, name in MODEL_KEYS.items() if name == type(model).__name__)
-            result["service"] = check_service(args, device, files, logits, test.labels, model_key)
+            result["service"] = check_service(args, device, files, out.logits, test.labels, model_key)
         except ServiceError as exc:
             print(f"error: --check-service: {exc}", file=sys.stderr)
             return 1
@@ -368,33 +418,9 @@ def main(argv: list[str] | None = None) -> int:
         (Path(args.out) / "evaluation.json").write_text(json.dumps(result, indent=2))
         pictures = "confusion_matrix.png, misclassified.png, reliability.png"
         print(f"wrote {Path(args.out) / 'evaluation.json'}, {pictures}")
-    failure = trust_failure(args, result["calibration"])
+    failure = check_failure(args, result, recorded)
     if failure is not None:
         print(f"error: {failure}", file=sys.stderr)
-        return 1
-    if files is not None and result["service"]["disagree"] > args.max_disagree:
-        print(
-            f"error: {result['service']['disagree']} served labels differ from this evaluation "
-            f"(at most {args.max_disagree} allowed)",
-            file=sys.stderr,
-        )
-        return 1
-    if args.max_drop is not None:
-        if recorded is None:
-            print("error: --max-drop needs a checkpoint with a recorded test_acc", file=sys.stderr)
-            return 1
-        if 100 * (recorded - acc) > args.max_drop:
-            print(
-                f"error: accuracy {100 * acc:.2f}% is more than {args.max_drop} points below the recorded "
-                f"{100 * recorded:.2f}%",
-                file=sys.stderr,
-            )
-            return 1
-    if args.min_accuracy is not None and acc < args.min_accuracy:
-        print(
-            f"error: accuracy {100 * acc:.2f}% is below the required {100 * args.min_accuracy:.2f}%",
-            file=sys.stderr,
-        )
         return 1
     return 0
 
