@@ -22,8 +22,10 @@ from typing import cast
 
 import torch
 
+from app import launch
 from app.calibration import Calibration
 from app.checkpoint import Checkpoint, CheckpointError, build_model, load_checkpoint
+from app.client import ClientError
 from app.device import DEVICE_CHOICES, autocast_dtype, resolve_device
 from app.model import CLASSES, MODEL_KEYS, StagedNet
 from app.predictor import (
@@ -38,7 +40,7 @@ from app.predictor import (
     forward_all,
 )
 from training.data import Cifar10, DataError, Split, limit_index, load_cifar10, test_split_files
-from training.served import ServiceError, local_service, served_labels
+from training.served import local_service, served_labels
 from training.trust import calibration_report, deletion_check, plot_reliability
 
 log = logging.getLogger(__name__)
@@ -411,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             model_key = next(key for key, name in MODEL_KEYS.items() if name == type(model).__name__)
             result["service"] = check_service(args, device, files, out.logits, test.labels, model_key)
-        except ServiceError as exc:
+        except (ClientError, launch.NotReady) as exc:
             print(f"error: --check-service: {exc}", file=sys.stderr)
             return 1
     if args.out:  # after the service check, so that the file holds its result too

@@ -73,7 +73,5 @@ def test_an_unreachable_service_is_one_clear_error(checkpoint_path, tiny_archive
     assert (
         proc.stderr.strip()
         .splitlines()[-1]
-        .startswith(
-            "error: --check-service: POST http://127.0.0.1:9/predict failed: [Errno 111] Connection refused"
-        )
+        .startswith("error: --check-service: cannot reach the service at http://127.0.0.1:9 (ConnectError: ")
     )
