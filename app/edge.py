@@ -68,7 +68,7 @@ def install_service_errors(app: FastAPI) -> None:
     async def handle(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ServiceError)
         error = api_error(exc, request.app.state.settings.retry_after_s)
-        return refuse(error, getattr(request.app.state, "metrics", None), request.url.path)
+        return refuse(error, getattr(request.app.state, "metrics", None), request.scope["path"])
 
     app.add_exception_handler(ServiceError, handle)
 

@@ -107,7 +107,7 @@ def _metrics(request: Request) -> Metrics | None:
 
 async def _api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
-    return refuse(exc, _metrics(request), request.url.path)
+    return refuse(exc, _metrics(request), request.scope["path"])
 
 
 def _query_names(request: Request) -> list[str]:
@@ -168,7 +168,7 @@ def _validation_error(request: Request, exc: Exception) -> JSONResponse:
             "send the images as multipart/form-data in the field 'file', "
             f"not as {content_type.split(';')[0]}",
         )
-        return refuse(error, _metrics(request), request.url.path)
+        return refuse(error, _metrics(request), request.scope["path"])
     fields = [
         FieldProblem(loc=list(e.get("loc", ())), msg=str(e.get("msg", "")), type=str(e.get("type", "")))
         for e in errors
@@ -177,7 +177,7 @@ def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     sentences = [_field_sentence(e, form_keys) for e in errors if not _is_unknown_query(e)]
     detail = "; ".join(dict.fromkeys(([unknown] if unknown else []) + sentences)) or "invalid request"
     error = ApiError(422, "invalid_request", detail, fields=fields)
-    return refuse(error, _metrics(request), request.url.path)
+    return refuse(error, _metrics(request), request.scope["path"])
 
 
 _HTTP_CODES = {
@@ -208,13 +208,13 @@ def _http_error(request: Request, exc: Exception) -> JSONResponse:
     elif status == 405:
         detail = f"{request.method} is not allowed on {request.url.path}"
     error = ApiError(status, code, detail, headers=getattr(exc, "headers", None))
-    return refuse(error, _metrics(request) if 400 <= status < 500 else None, request.url.path)
+    return refuse(error, _metrics(request) if 400 <= status < 500 else None, request.scope["path"])
 
 
 def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     error = ApiError(500, "internal_error", "internal error; the details are in the service log")
-    return refuse(error, None, request.url.path)  # a failure of the service's own, not a refusal
+    return refuse(error, None, request.scope["path"])  # a failure of the service's own, not a refusal
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -93,7 +93,7 @@ async def predict(
     """What the fast path (app.fastpath) leaves to FastAPI's general form parser; the same answer."""
     uploads = [Upload(f.filename or None, f.file, f.size) for f in files]
     arrival = getattr(request.state, "arrival", None)  # set by AdmissionMiddleware
-    return await answer(service, uploads, query, arrival, request.url.path)
+    return await answer(service, uploads, query, arrival, request.scope["path"])
 
 
 @model_router.get(

@@ -97,7 +97,7 @@ def infer_response(model: str, request: InferRequest, answers: list[ImageAnswer]
 
 
 def _refuse(request: Request, error: ApiError) -> JSONResponse:
-    return refuse(error, request.app.state.metrics, request.url.path)  # {"error": ...} on /v2 paths
+    return refuse(error, request.app.state.metrics, request.scope["path"])  # {"error": ...} on /v2 paths
 
 
 def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
