@@ -71,8 +71,9 @@ def test_the_fast_path_answers_unless_the_setting_turns_it_off(both, routed):
             ],
             "?top_k=10",
         ),
+        ([("file", ("a.png", png_bytes(7), "image/png"))], "?model=fin%61l&explain=cam&top_k=2"),
     ],
-    ids=["one-png", "jpeg-top5", "three-files-unicode-name"],
+    ids=["one-png", "jpeg-top5", "three-files-unicode-name", "model-explain-top2-percent-encoded"],
 )
 def test_plain_requests_get_the_routes_answer(both, routed, files, query):
     fast, route = both
@@ -105,6 +106,7 @@ OTHER = {
     "top-k-eleven": ([FILE_PART], "?top_k=11", 422),
     "top-k-word": ([FILE_PART], "?top_k=three", 422),
     "unknown-query": ([FILE_PART], "?top_k=2&debug=1", 422),
+    "top-k-twice": ([FILE_PART], "?top_k=2&top_k=3", 200),  # the route takes the last
     "empty-file": ([(b'Content-Disposition: form-data; name="file"; filename="e.png"', b"")], "", 400),
     "text-file": ([(b'Content-Disposition: form-data; name="file"; filename="t.txt"', b"hello")], "", 415),
 }
