@@ -104,7 +104,9 @@ class Settings(BaseSettings):
         "session); 0: CPU cores divided by workers, at least 1.",
     )
     decode_threads: Annotated[int, Field(ge=0, le=256)] = Field(
-        0, description="Threads that decode uploads, in parallel with inference; 0: one per CPU core."
+        0,
+        description="Threads that decode uploads, in parallel with inference (small requests are decoded "
+        "on the event loop); 0: one per CPU core.",
     )
 
     max_body_bytes: Annotated[int, Field(ge=1024)] = Field(

@@ -98,9 +98,10 @@ class TeacherConfig:
     out: str = option("runs/teacher", "folder for teacher.pt, last.pt and history.json")
     preset: str = option(
         "airbench94",
-        "the recipe the other flags start from: airbench94 (widths 64/256/256, 9.9 epochs) or "
-        "airbench96 (128/384/512, depth 3, 37 epochs, translate 4, cutout 12)",
-        choices=("airbench94", "airbench96"),
+        "the recipe the other flags start from: airbench94 (widths 64/256/256, 9.9 epochs), "
+        "airbench95 (128/384/384, 15 epochs) or airbench96 (128/384/512, depth 3, 37 epochs, "
+        "translate 4, cutout 12)",
+        choices=("airbench94", "airbench95", "airbench96"),
     )
     widths: str = option("64,256,256", "channels of the three conv groups")
     depth: int = option(2, "convs per group: 2 (airbench94) or 3 (a residual pair, airbench96)")
@@ -149,6 +150,12 @@ class TeacherConfig:
 
 PRESETS: dict[str, dict[str, Any]] = {
     "airbench94": {},  # the dataclass defaults
+    "airbench95": {
+        "widths": "128,384,384",
+        "epochs": 15.0,
+        "lr": 10.0 / 7.6667,  # airbench95's decoupled lr 10.0 (per 1,024 images, momentum 0.85)
+        "weight_decay": 0.0153 / 10.0,
+    },
     "airbench96": {
         "widths": "128,384,512",
         "depth": 3,
