@@ -19,16 +19,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import subprocess
 import sys
 import tempfile
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from serve_load import (  # noqa: E402
-    ROOT,
     add_data_flags,
     add_server_flags,
     add_smoke_flag,
@@ -37,22 +35,10 @@ from serve_load import (  # noqa: E402
     read_test_jpegs,
     start_server,
     weights_or_random,
+    worktree,
 )
 
 SMOKE = {"images": 8, "duration": 1.0, "warmup": 0.5, "rounds": 1}
-
-
-@contextmanager
-def worktree(ref: str):
-    """A detached checkout of `ref` beside this repository, removed afterwards."""
-    with tempfile.TemporaryDirectory(prefix="cifar10-baseline-") as tmp:
-        path = Path(tmp) / "tree"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), ref],
-                       check=True, capture_output=True)  # fmt: skip
-        try:
-            yield path
-        finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)], check=False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,7 @@ import asyncio
 import io
 import re
 import statistics
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -305,6 +306,19 @@ def start_server(
             yield server
     except launch.NotReady as exc:
         raise SystemExit(f"error: {exc}") from None
+
+
+@contextmanager
+def worktree(ref: str):
+    """A detached checkout of `ref` beside this repository, removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="cifar10-baseline-") as tmp:
+        path = Path(tmp) / "tree"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), ref],
+                       check=True, capture_output=True)  # fmt: skip
+        try:
+            yield path
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)], check=False)
 
 
 def batch_stats(base: str) -> tuple[float, float]:

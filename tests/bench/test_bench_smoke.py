@@ -23,13 +23,14 @@ pytestmark = pytest.mark.slow  # a real server or subprocess: .ci/run runs these
 BENCH_SCRIPTS = sorted(p.name for p in (REPO / "bench").glob("*.py"))
 # each has a test below
 SMOKE_TESTED = {
-    "backends.py", "explain_latency.py", "models_load.py", "overload.py", "serve_load.py", "soak.py",
-    "train_throughput.py",
+    "backends.py", "before_after.py", "explain_latency.py", "models_load.py", "overload.py", "serve_load.py",
+    "soak.py", "train_throughput.py",
 }  # fmt: skip
 
 
 SMOKE_ARGS = {  # script -> its arguments besides --smoke; "{data}" is the tiny archive
     "backends.py": ["--data", "{data}", "--labels"],
+    "before_after.py": ["--data", "{data}", "--ref", "HEAD"],
     "explain_latency.py": ["--data", "{data}"],
     "models_load.py": ["--data", "{data}"],
     "overload.py": ["--data", "{data}"],
@@ -110,6 +111,14 @@ def test_explain_latency_smoke(smoke_runs):
     for name in ("plain", "heatmap"):
         assert re.search(rf"^round 1 {name} +p50 [\d.]+ ms$", out, re.M), out
     assert re.search(r"heatmap / plain [\d.]+$", out, re.M), out
+
+
+def test_before_after_smoke(smoke_runs):
+    """--smoke: this tree against HEAD's code, one round of the default mode."""
+    out = smoke_runs("before_after.py")
+    assert re.search(r"^on round 1 this tree: [\d,]+ images/s, p50 [\d.]+ ms$", out, re.M), out
+    assert re.search(r"^on round 1 HEAD: [\d,]+ images/s, p50 [\d.]+ ms$", out, re.M), out
+    assert re.search(r"^\| on \| 2 \| [\d,]+ \| [\d,]+ \| [\d.]+ \|$", out, re.M), out
 
 
 def test_models_load_smoke(smoke_runs):
