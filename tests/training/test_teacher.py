@@ -105,6 +105,9 @@ def test_presets_set_the_shape_and_flags_given_win():
     assert config_from({"preset": "airbench96", "epochs": 50.0, "cutout": 8}).cutout == 8
     default = config_from({})
     assert (default.widths, default.depth, default.epochs, default.lookahead) == ("64,256,256", 2, 9.9, True)
+    ab95 = config_from({"preset": "airbench95"})  # airbench95's decoupled lr 10 and wd 0.0153
+    assert (ab95.widths, ab95.depth, ab95.epochs, ab95.translate) == ("128,384,384", 2, 15.0, 2)
+    assert ab95.lr == pytest.approx(10.0 / 7.6667) and ab95.weight_decay * 10.0 == pytest.approx(0.0153)
 
 
 def legacy_teacher() -> nn.Module:
