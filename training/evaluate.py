@@ -376,6 +376,7 @@ def measure(
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # else a line per served request
     args = build_parser().parse_args(argv)
     try:
         ckpt, model, data, files = load(args)

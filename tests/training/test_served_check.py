@@ -19,6 +19,7 @@ def test_the_service_on_the_same_weights_agrees_on_every_test_image(checkpoint_p
     proc = run_evaluate(checkpoint_path, tiny_archive, tmp_path, "--check-service", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "served labels: 30 of 30 agree with this evaluation" in proc.stdout
+    assert "HTTP Request" not in proc.stderr  # no log line per served request
     service = json.loads((out / "evaluation.json").read_text())["service"]
     assert service["images"] == 30 and service["disagree"] == 0
     assert service["served_accuracy"] == json.loads((out / "evaluation.json").read_text())["test"]["accuracy"]
