@@ -25,34 +25,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serve_load import (  # noqa: E402
-    MODES,
-    add_data_flags,
-    add_server_flags,
-    add_smoke_flag,
-    drive,
-    multipart_body,
-    read_test_jpegs,
-    start_server,
-    weights_or_random,
-    worktree,
-)
+import serve_load  # noqa: E402
 
 SMOKE = {"images": 8, "clients": 2, "duration": 1.0, "warmup": 0.5, "rounds": 1, "modes": "on"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_data_flags(p)
+    serve_load.add_data_flags(p)
     p.add_argument("--ref", required=True, help="the git commit whose code is the baseline")
     p.add_argument("--images", type=int, default=200, help="test JPEGs to cycle through")
     p.add_argument("--clients", type=int, default=32, help="concurrent clients")
     p.add_argument("--duration", type=float, default=10.0, help="seconds measured per phase")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of requests before measuring a phase")
     p.add_argument("--rounds", type=int, default=3, help="rounds of (this tree, --ref), order alternating")
-    p.add_argument("--modes", default="on,route", help=f"comma-separated, of {', '.join(MODES)}")
-    add_server_flags(p)
-    add_smoke_flag(p, SMOKE)
+    p.add_argument("--modes", default="on,route", help=f"comma-separated, of {', '.join(serve_load.MODES)}")
+    serve_load.add_server_flags(p)
+    serve_load.add_smoke_flag(p, SMOKE)
     return p
 
 
@@ -62,25 +51,27 @@ def main(argv: list[str] | None = None) -> int:
         vars(args).update(SMOKE)
         print("smoke run: a check that the script works; its figures mean nothing")
     modes = [m for m in args.modes.split(",") if m]
-    if not modes or set(modes) - set(MODES):
-        raise SystemExit(f"error: --modes {args.modes!r}: choose from {', '.join(MODES)}")
+    if not modes or set(modes) - set(serve_load.MODES):
+        raise SystemExit(f"error: --modes {args.modes!r}: choose from {', '.join(serve_load.MODES)}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
-        weights = weights_or_random(args.weights, tmp)
-        jpegs = read_test_jpegs(Path(args.data), args.images)
-        bodies = [multipart_body(j, f"{i}.jpg") for i, j in enumerate(jpegs)]
-        tree = stack.enter_context(worktree(args.ref))
+        weights = serve_load.weights_or_random(args.weights, tmp)
+        jpegs = serve_load.read_test_jpegs(Path(args.data), args.images)
+        bodies = [serve_load.multipart_body(j, f"{i}.jpg") for i, j in enumerate(jpegs)]
+        tree = stack.enter_context(serve_load.worktree(args.ref))
         for mode in modes:
             with (
-                start_server(args, weights, mode) as here,
-                start_server(args, weights, mode, root=tree) as base,
+                serve_load.start_server(args, weights, mode) as here,
+                serve_load.start_server(args, weights, mode, root=tree) as base,
             ):
                 rates: dict[str, list[float]] = {"this tree": [], args.ref: []}
                 for r in range(args.rounds):
                     order = [("this tree", here), (args.ref, base)]
                     for name, server in order if r % 2 == 0 else order[::-1]:
                         result = asyncio.run(
-                            drive(server.url, bodies, args.clients, args.warmup, args.duration, "raw")
+                            serve_load.drive(
+                                server.url, bodies, args.clients, args.warmup, args.duration, "raw"
+                            )
                         )
                         if result.errors:
                             raise SystemExit(f"error: {result.errors} requests to {name} failed")
