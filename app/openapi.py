@@ -84,6 +84,29 @@ def _drop_unused_security(schema: dict[str, Any]) -> None:
         components.pop("securitySchemes", None)
 
 
+def _hoist_defs(schema: dict[str, Any]) -> None:
+    """A body schema given whole (`/v2`'s infer request, from pydantic) carries its own `$defs`, which
+    ReDoc cannot resolve ("Invalid reference token: $defs"): move them into components.schemas and
+    point the references there."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            for name, definition in node.pop("$defs", {}).items():
+                components.setdefault(name, walk(definition))
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                node["$ref"] = "#/components/schemas/" + ref.removeprefix("#/$defs/")
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+        return node
+
+    walk(schema.get("paths", {}))
+
+
 def install(app: FastAPI) -> None:
     """Wrap `app.openapi` so that the schema it caches is the one the docs can use and the one this
     app serves (read when first asked for, from `app.state.settings` and `app.state.service`)."""
@@ -104,6 +127,7 @@ def install(app: FastAPI) -> None:
                         _const_as_enum(parameter)
                         _served_models(parameter, service.model_names)
             _drop_unused_security(schema)
+            _hoist_defs(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 

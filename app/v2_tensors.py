@@ -97,6 +97,14 @@ def _json_bytes_elements(data: Any, what: str) -> list[bytes]:
     return elements
 
 
+def _parameters(node: dict[str, Any], what: str) -> dict[str, Any]:
+    """`node`'s "parameters" (absent or null: none); raises TensorError when it is not an object."""
+    parameters = node.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise TensorError(f"{what}: 'parameters' must be an object")
+    return parameters
+
+
 def parse_infer_request(
     body: bytes,
     header_length: str | None,
@@ -110,9 +118,7 @@ def parse_infer_request(
     request_id = header.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise TensorError("'id' must be a string")
-    parameters = header.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise TensorError("'parameters' must be an object")
+    parameters = _parameters(header, "the request")
 
     inputs = header.get("inputs")
     expected = f"model '{model}' takes one input, '{INPUT}' (BYTES, shape [N])"
@@ -127,7 +133,7 @@ def parse_infer_request(
     if not (isinstance(shape, list) and len(shape) == 1 and type(shape[0]) is int and shape[0] >= 1):
         raise TensorError(f"input '{INPUT}' has shape {shape!r}, not [N] with N >= 1 images")
     what = f"input '{INPUT}'"
-    size = (tensor.get("parameters") or {}).get("binary_data_size")
+    size = _parameters(tensor, what).get("binary_data_size")
     if size is not None:
         if type(size) is not int or not 0 <= size <= len(binary):
             raise TensorError(
@@ -160,7 +166,7 @@ def parse_infer_request(
         if name not in available:
             names = ", ".join(map(repr, available))
             raise TensorError(f"unknown output {name!r}; model '{model}' has {names}")
-        binary_data = (output.get("parameters") or {}).get("binary_data", default_binary)
+        binary_data = _parameters(output, f"output {name!r}").get("binary_data", default_binary)
         if not isinstance(binary_data, bool):
             raise TensorError(f"output {name!r}: parameters.binary_data must be true or false")
         outputs[name] = binary_data

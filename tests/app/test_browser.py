@@ -197,3 +197,14 @@ def test_the_docs_make_no_request_outside_the_service(page, service):
     page.wait_for_selector("redoc h1, .api-info h2, h1", timeout=30_000)
     assert any(u.endswith("/openapi.json") for u in page.requests)  # both pages really loaded the API
     assert outside(page.requests, service) == []
+
+
+def test_redoc_renders_every_operation_without_an_error(page, service):
+    """ReDoc builds an example of every request body; a schema reference it cannot resolve (a
+    body's own `$defs`) is an error in the console."""
+    console: list[str] = []
+    page.on("console", lambda message: console.append(f"{message.type}: {message.text}"))
+    page.goto(service + "/redoc", wait_until="networkidle")
+    page.wait_for_selector("redoc h1, .api-info h2, h1", timeout=30_000)
+    assert page.get_by_text("Classify images with model best (Open Inference Protocol)").count() > 0
+    assert [line for line in console if line.startswith("error")] == []

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 
 def test_uploads_are_binary_files_and_top_k_is_a_plain_integer(client):
     schema = client.get("/openapi.json").json()
@@ -29,3 +32,15 @@ def test_openapi_documents_every_error_response(client):
     assert set(schema["components"]["schemas"]["ErrorBody"]["properties"]) >= {"detail", "code", "files"}
     for path in ("/model/summary", "/metrics", "/health/live", "/health/ready"):
         assert path in schema["paths"]
+
+
+def test_every_reference_in_the_schema_resolves_in_its_components(client):
+    """A body schema given whole keeps no `$defs` of its own (ReDoc cannot resolve those)."""
+    schema = client.get("/openapi.json").json()
+    text = json.dumps(schema)
+    assert "$defs" not in text
+    names = set(schema["components"]["schemas"])
+    refs = set(re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', text))
+    assert refs and refs <= names
+    infer = schema["paths"]["/v2/models/final/infer"]["post"]["requestBody"]["content"]["application/json"]
+    assert "InferInput" in json.dumps(infer) and "InferInput" in names

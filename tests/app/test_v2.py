@@ -228,6 +228,25 @@ def test_binary_request_and_binary_answer_framing(client):
         ),
         (b"{}", {"Inference-Header-Content-Length": "99"}, "Inference-Header-Content-Length"),
         (b"{}", {"Inference-Header-Content-Length": "two"}, "Inference-Header-Content-Length"),
+        (
+            json.dumps(
+                {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "parameters": ["x"]}]}
+            ).encode(),
+            {},
+            "input 'image': 'parameters' must be an object",
+        ),
+        (
+            json.dumps(
+                json_body([png_bytes(0)]) | {"outputs": [{"name": "label", "parameters": "x"}]}
+            ).encode(),
+            {},
+            "output 'label': 'parameters' must be an object",
+        ),
+        (
+            json.dumps(json_body([png_bytes(0)]) | {"parameters": [1]}).encode(),
+            {},
+            "'parameters' must be an object",
+        ),
     ],
     ids=[
         "malformed",
@@ -237,6 +256,9 @@ def test_binary_request_and_binary_answer_framing(client):
         "not_base64",
         "header_too_long",
         "header_not_number",
+        "input_parameters_not_object",
+        "output_parameters_not_object",
+        "request_parameters_not_object",
     ],
 )
 def test_malformed_requests_are_400_with_an_error(client, content, headers, needle):
