@@ -152,7 +152,7 @@ def _field_sentence(error: dict[str, Any], form_keys: list[str]) -> str:
     return f"{'.'.join(loc) or 'request'}: {error.get('msg', 'is invalid')}"
 
 
-def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = list(exc.errors())
     body = getattr(exc, "body", None)
@@ -189,7 +189,7 @@ _HTTP_CODES = {
 }
 
 
-def _http_error(request: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     detail = str(exc.detail)
     status, code = exc.status_code, _HTTP_CODES.get(exc.status_code, "http_error")
@@ -217,10 +217,25 @@ def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     return refuse(error, None, request.scope["path"])  # a failure of the service's own, not a refusal
 
 
+_HANDLERS = (
+    (ApiError, _api_error),
+    (RequestValidationError, _validation_error),
+    (StarletteHTTPException, _http_error),
+)
+
+
+async def handled(request: Request, exc: Exception) -> JSONResponse | None:
+    """The answer the app's handlers give `exc`, for code that runs before routing (the /predict fast
+    path), or None for an exception they leave to the server's 500."""
+    for kind, handler in _HANDLERS:
+        if isinstance(exc, kind):
+            return await handler(request, exc)
+    return None
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(ApiError, _api_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
+    for kind, handler in _HANDLERS:
+        app.add_exception_handler(kind, handler)
     app.add_exception_handler(Exception, _internal_error)
 
 

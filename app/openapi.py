@@ -20,6 +20,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from app.admin import admin_router
+from app.uploads import PredictForm
 
 
 def _is_upload(schema: Any) -> bool:
@@ -116,6 +117,8 @@ def install(app: FastAPI) -> None:
         if app.openapi_schema is None:
             settings, service = app.state.settings, app.state.service
             schema = generate()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components[PredictForm.model_config["title"]] = PredictForm.model_json_schema()
             _mark_uploads(schema.get("components", {}).get("schemas", {}), settings.max_files)
             if settings.admin_token is None:
                 for route in admin_router.routes:

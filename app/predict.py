@@ -1,13 +1,12 @@
-"""POST /predict, one contract: its query and `top_k` rule, its answer, its refusals.
+"""POST /predict, one contract: its query and `top_k` rule, its body, its answer, its refusals.
 
-The ASGI fast path (`app.fastpath`) is the implementation: it reads the common multipart layout
-itself and answers without FastAPI's per-request machinery (docs/benchmarks.md: 1.12-1.26x the
-route's throughput). The FastAPI route (`app.routes.predict`) declares /predict for the OpenAPI
-schema, and serves what the fast path leaves to FastAPI's general form parser (a body over 1 MiB
-or without Content-Length, other form fields, an unusual layout) or to its 422 explanations (a
-query that is not valid), and every request when CIFAR10_FAST_PATH=false. Both read the query as
-`PredictQuery`, take `top_k` by `PredictQuery.resolve_top_k` and answer through `answer`, whose
-one writer is `write_answer`, so a request gets the same answer whichever of the two serves it.
+`respond` is the whole of it: the query read as `PredictQuery` (one `top_k` rule,
+`PredictQuery.resolve_top_k`), the images read by the one body parser (`app.uploads`), the answer
+written by the one writer (`write_answer`) or refused by `app.errors.refuse`. Two doors lead to
+it: the ASGI fast path (`app.fastpath`), which calls it before routing, without FastAPI's
+per-request machinery (docs/benchmarks.md), and the FastAPI route (`app.routes.predict`), which
+declares /predict for the OpenAPI schema and is taken when the query is not valid (FastAPI's 422
+explains it) or CIFAR10_FAST_PATH=false.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ from typing import Any, Literal
 from urllib.parse import parse_qsl
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import Request
 from starlette.responses import Response
 
 from app.batching import Arrival
@@ -26,6 +26,7 @@ from app.model import CLASSES
 from app.schemas import ClassProbability, ModelRef, Prediction, PredictResponse, Timing
 from app.service import ModelService
 from app.settings import MAX_TOP_K
+from app.uploads import read_uploads
 
 
 def model_field() -> Any:
@@ -67,14 +68,11 @@ _NO_QUERY = PredictQuery()
 
 
 def read_query(query_string: bytes) -> PredictQuery | None:
-    """The query as the route reads it (Starlette's decoding, `PredictQuery`'s rules), or None where
-    the route would answer 422 or a key comes twice: the route then answers, with its explanation."""
+    """The query as the route reads it (Starlette's decoding, the last of a repeated key,
+    `PredictQuery`'s rules), or None where the route would answer 422: it then explains."""
     if not query_string:
         return _NO_QUERY
-    pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
-    values = dict(pairs)
-    if len(values) != len(pairs):
-        return None
+    values = dict(parse_qsl(query_string.decode("latin-1"), keep_blank_values=True))
     try:
         return PredictQuery.model_validate(values)
     except ValidationError:
@@ -136,3 +134,10 @@ async def answer(
     except ServiceError as error:
         return refuse(api_error(error, settings.retry_after_s), service.metrics, path)
     return write_answer(result)
+
+
+async def respond(service: ModelService, request: Request, query: PredictQuery) -> Response:
+    """Read the request's images, classify them as `query` asks and write the answer (or refuse)."""
+    async with read_uploads(request) as uploads:
+        arrival = getattr(request.state, "arrival", None)  # set by AdmissionMiddleware
+        return await answer(service, uploads, query, arrival, request.scope["path"])

@@ -1,7 +1,8 @@
 """The endpoints, one router per concern. Routes only parse, call the service and shape the answer.
 
-/predict is declared here for the OpenAPI schema; its contract (query, answer, refusals) is
-`app.predict`, and the ASGI fast path (`app.fastpath`) serves the common requests before routing.
+/predict is declared here for the OpenAPI schema; its contract (query, body, answer, refusals) is
+`app.predict.respond`, which the ASGI fast path (`app.fastpath`) calls before routing for every
+request whose query is valid.
 
 `inference_router` holds the inference endpoints: `app.main` reads their paths from it and gives
 every one the API key, the admission check (readiness, queue, drain) and the metrics, so a new
@@ -14,20 +15,20 @@ from __future__ import annotations
 from typing import Annotated, Literal
 from urllib.parse import parse_qsl
 
-from fastapi import APIRouter, Depends, File, Query, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import Field
 from starlette.types import Scope
 
-from app.domain import Upload
 from app.edge import model_summary as build_summary
 from app.errors import error_responses
 from app.imaging import supported_formats
 from app.metrics import Metrics
 from app.model import format_layer_table
-from app.predict import PredictQuery, StrictQuery, answer, model_field
+from app.predict import PredictQuery, StrictQuery, model_field, respond
 from app.schemas import Health, ModelSummary, PredictResponse
 from app.service import ModelService
+from app.uploads import REQUEST_BODY
 
 
 async def get_service(request: Request) -> ModelService:
@@ -69,6 +70,7 @@ ops_router = APIRouter(tags=["operations"])
 @inference_router.post(
     "/predict",
     response_model=PredictResponse,  # the schema; the answer is written by app.predict
+    openapi_extra={"requestBody": REQUEST_BODY},  # the body is read by app.uploads, not by FastAPI
     summary="Classify one or more images",
     responses=error_responses(400, 404, 413, 415, 422, 503),
     description=(
@@ -81,19 +83,9 @@ ops_router = APIRouter(tags=["operations"])
         "that of the first bad file, and `files` lists every bad file with its position and reason."
     ),
 )
-async def predict(
-    request: Request,
-    service: ServiceDep,
-    files: Annotated[
-        list[UploadFile],
-        File(alias="file", min_length=1, description="One or more image files; repeat the field."),
-    ],
-    query: Annotated[PredictQuery, Query()],
-) -> Response:
-    """What the fast path (app.fastpath) leaves to FastAPI's general form parser; the same answer."""
-    uploads = [Upload(f.filename or None, f.file, f.size) for f in files]
-    arrival = getattr(request.state, "arrival", None)  # set by AdmissionMiddleware
-    return await answer(service, uploads, query, arrival, request.scope["path"])
+async def predict(request: Request, service: ServiceDep, query: Annotated[PredictQuery, Query()]) -> Response:
+    """The fast path's answer (`app.predict.respond`), once FastAPI has checked the query."""
+    return await respond(service, request, query)
 
 
 @model_router.get(

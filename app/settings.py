@@ -87,8 +87,8 @@ class Settings(BaseSettings):
     )
     fast_path: bool = Field(
         True,
-        description="Answer plain /predict requests (files in 'file', at most ?top_k=) in a lean ASGI "
-        "handler instead of FastAPI's route; same answers, less CPU per request. Others use the route.",
+        description="Answer /predict in a lean ASGI handler before FastAPI's routing; the same code, "
+        "answers and refusals as the route, less CPU per request. A query the route refuses goes to it.",
     )
     retry_after_s: Annotated[int, Field(ge=1)] = Field(
         1, description="Seconds a 503 answer tells the client to wait (the Retry-After header)."
