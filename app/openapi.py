@@ -20,7 +20,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from app.admin import admin_router
-from app.uploads import PredictForm
+from app.uploads import SCHEMA_NAME, PredictForm
 
 
 def _is_upload(schema: Any) -> bool:
@@ -118,8 +118,8 @@ def install(app: FastAPI) -> None:
             settings, service = app.state.settings, app.state.service
             schema = generate()
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            components[PredictForm.model_config["title"]] = PredictForm.model_json_schema()
-            _mark_uploads(schema.get("components", {}).get("schemas", {}), settings.max_files)
+            components[SCHEMA_NAME] = PredictForm.model_json_schema()  # the body app.uploads reads
+            _mark_uploads(components, settings.max_files)
             if settings.admin_token is None:
                 for route in admin_router.routes:
                     schema.get("paths", {}).pop(getattr(route, "path", ""), None)

@@ -30,12 +30,13 @@ from starlette.requests import ClientDisconnect, Request
 from app.domain import Upload
 
 FIELD = "file"
+SCHEMA_NAME = "Body_predict_predict_post"  # the name FastAPI gave the body when it parsed it itself
 
 
-# The body of POST /predict as the schema shows it, under the name FastAPI gave it when it parsed
-# the body itself (generated clients use it). No docstring: it would become the schema's description.
+# The body of POST /predict as the schema shows it, under SCHEMA_NAME (generated clients use it).
+# No docstring: it would become the schema's description.
 class PredictForm(BaseModel):
-    model_config = ConfigDict(title="Body_predict_predict_post", arbitrary_types_allowed=True)
+    model_config = ConfigDict(title=SCHEMA_NAME, arbitrary_types_allowed=True)
 
     file: list[UploadFile] = Field(min_length=1, description="One or more image files; repeat the field.")
 
@@ -43,7 +44,7 @@ class PredictForm(BaseModel):
 REQUEST_BODY = {
     "required": True,
     "content": {
-        "multipart/form-data": {"schema": {"$ref": "#/components/schemas/Body_predict_predict_post"}}
+        "multipart/form-data": {"schema": {"$ref": f"#/components/schemas/{SCHEMA_NAME}"}}
     },
 }
 
@@ -58,19 +59,19 @@ def _uploads(form: FormData) -> list[Upload]:
     if not values:
         missing = {"type": "missing", "loc": ("body", FIELD), "msg": "Field required", "input": None}
         raise RequestValidationError([missing], body=form)
-    plain = [
-        {
-            "type": "value_error",
-            "loc": ("body", FIELD, index),
-            "msg": f"Value error, Expected UploadFile, received: {type(value)}",
-            "input": value,
-        }
-        for index, value in enumerate(values)
-        if not isinstance(value, FormFile)
-    ]
-    if plain:
+    files = [value for value in values if isinstance(value, FormFile)]
+    if len(files) < len(values):
+        plain = [
+            {
+                "type": "value_error",
+                "loc": ("body", FIELD, index),
+                "msg": f"Value error, Expected UploadFile, received: {type(value)}",
+                "input": value,
+            }
+            for index, value in enumerate(values)
+            if not isinstance(value, FormFile)
+        ]
         raise RequestValidationError(plain, body=form)
-    files = [value for value in values if isinstance(value, FormFile)]  # all of them, by now
     return [Upload(file.filename or None, file.file, file.size) for file in files]
 
 

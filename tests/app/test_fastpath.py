@@ -18,6 +18,7 @@ from fastapi import Request
 
 from app.routes import get_service
 
+from .forms import raw_body
 from .images import jpeg_bytes, png_bytes
 
 
@@ -83,14 +84,6 @@ def test_plain_requests_get_the_routes_answer(both, routed, files, query):
     assert a.headers["content-type"] == b.headers["content-type"] == "application/json"
     assert without_timing(a.json()) == without_timing(b.json())
     assert set(a.json()["timing"]) == set(b.json()["timing"])
-
-
-def raw_body(parts: list[tuple[bytes, bytes]], boundary: bytes = b"xyz", preamble: bytes = b"") -> bytes:
-    out = [preamble]
-    for headers, data in parts:
-        out += [b"--" + boundary + b"\r\n", headers, b"\r\n\r\n", data, b"\r\n"]
-    out.append(b"--" + boundary + b"--\r\n")
-    return b"".join(out)
 
 
 IMAGE = png_bytes(6)

@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from app.errors import install_error_handlers
 from app.uploads import read_uploads
 
+from .forms import raw_body
 from .images import png_bytes
 
 
@@ -48,46 +49,45 @@ FILE = b'Content-Disposition: form-data; name="file"; filename="x.png"'
 MULTIPART = "multipart/form-data; boundary=xyz"
 
 
-def body(*parts: tuple[bytes, bytes], newline: bytes = b"\r\n", preamble: bytes = b"") -> bytes:
-    out = preamble
-    for head, data in parts:
-        out += b"--xyz" + newline + head + newline + newline + data + newline
-    return out + b"--xyz--" + newline
-
-
 CASES = {
-    "one": (MULTIPART, body((FILE, IMAGE))),
+    "one": (MULTIPART, raw_body([(FILE, IMAGE)])),
     "two-and-a-text-field": (
         MULTIPART,
-        body((FILE, IMAGE), (b'Content-Disposition: form-data; name="n"', b"hi"), (FILE, b"ab")),
+        raw_body([(FILE, IMAGE), (b'Content-Disposition: form-data; name="n"', b"hi"), (FILE, b"ab")]),
     ),
-    "misnamed": (MULTIPART, body((FILE.replace(b'"file"', b'"image"'), IMAGE))),
-    "plain-value": (MULTIPART, body((FILE, IMAGE), (b'Content-Disposition: form-data; name="file"', b"cat"))),
-    "empty-filename": (MULTIPART, body((b'Content-Disposition: form-data; name="file"; filename=""', IMAGE))),
+    "misnamed": (MULTIPART, raw_body([(FILE.replace(b'"file"', b'"image"'), IMAGE)])),
+    "plain-value": (
+        MULTIPART,
+        raw_body([(FILE, IMAGE), (b'Content-Disposition: form-data; name="file"', b"cat")]),
+    ),
+    "empty-filename": (
+        MULTIPART,
+        raw_body([(b'Content-Disposition: form-data; name="file"; filename=""', IMAGE)]),
+    ),
     "browser-empty-input": (
         MULTIPART,
-        body((b'Content-Disposition: form-data; name="file"; filename=""', b"")),
+        raw_body([(b'Content-Disposition: form-data; name="file"; filename=""', b"")]),
     ),
-    "empty-file": (MULTIPART, body((FILE, b""))),
+    "empty-file": (MULTIPART, raw_body([(FILE, b"")])),
     "utf8-filename": (
         MULTIPART,
-        body(('Content-Disposition: form-data; name="file"; filename="é.png"'.encode(), IMAGE)),
+        raw_body([('Content-Disposition: form-data; name="file"; filename="é.png"'.encode(), IMAGE)]),
     ),
-    "lf-only": (MULTIPART, body((FILE, IMAGE), newline=b"\n")),
-    "preamble": (MULTIPART, body((FILE, IMAGE), preamble=b"junk\r\n")),
-    "unterminated": (MULTIPART, body((FILE, IMAGE))[:-4]),
-    "no-name": (MULTIPART, body((b'Content-Disposition: form-data; filename="x.png"', IMAGE))),
-    "no-boundary": ("multipart/form-data", body((FILE, IMAGE))),
+    "lf-only": (MULTIPART, raw_body([(FILE, IMAGE)], newline=b"\n")),
+    "preamble": (MULTIPART, raw_body([(FILE, IMAGE)], preamble=b"junk\r\n")),
+    "unterminated": (MULTIPART, raw_body([(FILE, IMAGE)])[:-4]),
+    "no-name": (MULTIPART, raw_body([(b'Content-Disposition: form-data; filename="x.png"', IMAGE)])),
+    "no-boundary": ("multipart/form-data", raw_body([(FILE, IMAGE)])),
     "field-over-1-MiB": (
         MULTIPART,
-        body((FILE, IMAGE), (b'Content-Disposition: form-data; name="n"', bytes(1024 * 1024 + 1))),
+        raw_body([(FILE, IMAGE), (b'Content-Disposition: form-data; name="n"', bytes(1024 * 1024 + 1))]),
     ),
-    "file-over-1-MiB": (MULTIPART, body((FILE, bytes(3 * 1024 * 1024)))),
-    "1001-files": (MULTIPART, body(*[(FILE, b"a")] * 1001)),
+    "file-over-1-MiB": (MULTIPART, raw_body([(FILE, bytes(3 * 1024 * 1024))])),
+    "1001-files": (MULTIPART, raw_body([(FILE, b"a")] * 1001)),
     "urlencoded": ("application/x-www-form-urlencoded", b"file=cat.jpg&other=1"),
     "urlencoded-other": ("application/x-www-form-urlencoded", b"other=1"),
     "json": ("application/json", b'{"file": "x"}'),
-    "no-content-type": (None, body((FILE, IMAGE))),
+    "no-content-type": (None, raw_body([(FILE, IMAGE)])),
 }
 
 
