@@ -43,9 +43,7 @@ class PredictForm(BaseModel):
 
 REQUEST_BODY = {
     "required": True,
-    "content": {
-        "multipart/form-data": {"schema": {"$ref": f"#/components/schemas/{SCHEMA_NAME}"}}
-    },
+    "content": {"multipart/form-data": {"schema": {"$ref": f"#/components/schemas/{SCHEMA_NAME}"}}},
 }
 
 
