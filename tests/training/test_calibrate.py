@@ -75,3 +75,20 @@ def test_every_set_of_strange_pictures_is_made_here_in_the_service_format():
     assert torch.equal(
         sets["scrambled CIFAR-10 test"].flatten(2).sort(2).values, test_images[:12].flatten(2).sort(2).values
     )
+
+
+def test_the_heatmap_check_asks_the_top_quarter_to_cost_twice_the_bottom_and_more():
+    from argparse import Namespace
+
+    from training.evaluate import trust_failure
+
+    def failure(top: float, bottom: float) -> str | None:
+        report = {"ece_after": 0.01, "deletion": {"drop_top": top, "drop_bottom": bottom}}
+        return trust_failure(Namespace(max_ece=0.02), report)
+
+    assert failure(0.195, -0.001) is None  # FinalModel
+    assert failure(0.131, 0.037) is None  # airbench96's shape, trained with cutout
+    assert "0.120" in failure(0.12, 0.07)  # ratio under 2
+    assert failure(0.04, 0.0) is not None  # under the margin
+    assert failure(0.05, 0.06) is not None
+    assert "ECE" in trust_failure(Namespace(max_ece=0.02), {"ece_after": 0.021})
