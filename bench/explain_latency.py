@@ -24,9 +24,12 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
+import httpx
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from serve_load import (  # noqa: E402
+    BOUNDARY,
     add_data_flags,
     add_server_flags,
     add_smoke_flag,
@@ -38,7 +41,16 @@ from serve_load import (  # noqa: E402
     worktree,
 )
 
+HEADERS = {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
 SMOKE = {"images": 8, "duration": 1.0, "warmup": 0.5, "rounds": 1}
+
+
+def warm_up(url: str, targets, body: bytes) -> None:
+    """One request to each target, waited for however long it takes, before anything is timed."""
+    for target in targets:
+        first = httpx.post(f"{url}{target}", content=body, headers=HEADERS, timeout=120.0)
+        if first.status_code != 200:
+            raise SystemExit(f"error: {target} answered {first.status_code}: {first.text[:200]}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.baseline_ref:
                 tree = stack.enter_context(worktree(args.baseline_ref))
                 baseline = stack.enter_context(start_server(args, weights, "on", env=env, root=tree))
+
+            warm_up(server.url, phases.values(), bodies[0])  # one-time costs (first batch, first heatmap)
+            if baseline:
+                warm_up(baseline.url, [phases["plain"]], bodies[0])
 
             def phase(url: str, target: str) -> float:
                 result = asyncio.run(drive(url, bodies, 1, args.warmup, args.duration, "raw", target))
