@@ -24,12 +24,9 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from serve_load import (  # noqa: E402
-    BOUNDARY,
     add_data_flags,
     add_server_flags,
     add_smoke_flag,
@@ -37,20 +34,12 @@ from serve_load import (  # noqa: E402
     multipart_body,
     read_test_jpegs,
     start_server,
+    warm_up,
     weights_or_random,
     worktree,
 )
 
-HEADERS = {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
 SMOKE = {"images": 8, "duration": 1.0, "warmup": 0.5, "rounds": 1}
-
-
-def warm_up(url: str, targets, body: bytes) -> None:
-    """One request to each target, waited for however long it takes, before anything is timed."""
-    for target in targets:
-        first = httpx.post(f"{url}{target}", content=body, headers=HEADERS, timeout=120.0)
-        if first.status_code != 200:
-            raise SystemExit(f"error: {target} answered {first.status_code}: {first.text[:200]}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,7 +37,7 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +57,7 @@ from app import launch  # noqa: E402  (the standard library only)
 # server helpers below and should not pay for importing torch in the load generator.
 
 BOUNDARY = "cifar10-bench-boundary"
+MULTIPART_HEADERS = {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
 
 
 def add_smoke_flag(p: argparse.ArgumentParser, smoke: dict) -> None:
@@ -387,6 +388,14 @@ def raw_request(body: bytes, host: str, port: int, target: str = "/predict") -> 
     return head.encode() + body
 
 
+def warm_up(url: str, targets: Iterable[str], body: bytes) -> None:
+    """One request to each target, waited for however long it takes, before anything is timed."""
+    for target in targets:
+        first = httpx.post(f"{url}{target}", content=body, headers=MULTIPART_HEADERS, timeout=120.0)
+        if first.status_code != 200:
+            raise SystemExit(f"error: {target} answered {first.status_code}: {first.text[:200]}")
+
+
 async def drive(
     base: str,
     bodies: list[bytes],
@@ -404,7 +413,6 @@ async def drive(
     assert url.port is not None  # the servers here listen on an explicit port
     port: int = url.port
     raw_requests = [raw_request(b, url.host, port, target) for b in bodies]
-    headers = {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     loop = asyncio.get_running_loop()
     t0 = loop.time()
@@ -417,7 +425,7 @@ async def drive(
             if kind == "raw":
                 return await asyncio.wait_for(raw.post(raw_requests[i]), 30.0)
             try:
-                return (await client.post(target, content=bodies[i], headers=headers)).status_code
+                return (await client.post(target, content=bodies[i], headers=MULTIPART_HEADERS)).status_code
             except httpx.HTTPError:
                 return 0
 
