@@ -251,7 +251,7 @@ router = APIRouter(tags=["v2"])
 
 class ServerMetadata(BaseModel):
     name: str = Field(examples=["cifar10-cnn"])
-    version: str = Field(examples=["0.11.0"])
+    version: str = Field(examples=["0.12.0"])
     extensions: list[str] = Field(examples=[EXTENSIONS])
 
 
